@@ -1,0 +1,271 @@
+"""kmsctl: the administrator's command line (SPEC §1, §3).
+
+It works on the store directly (the user DB is SQLite in WAL mode), so it runs whether or not the
+server does.  Run it as the user the server runs as: files it creates (``users.db``, ``store.key``)
+are private to their owner.  Passwords come from the terminal, asked twice, or from one line of
+standard input with ``--password-stdin``; never from the command line, where ``ps`` would show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sqlite3
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kms.auth.passwords import StoreKey, StoreKeyError
+from kms.config import Config, ConfigError, config_warnings, load_config, runtime_problems
+from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address
+
+DEFAULT_CONFIG = Path("etc/kms.toml")
+
+
+class CtlError(Exception):
+    """A problem to report on stderr in one line, with exit code 1."""
+
+
+def _store_dir(cfg: Config) -> Path:
+    """The store folder, created 0750 on first use; its parent must exist, as for the server."""
+    path = cfg.store.path
+    try:
+        path.mkdir(mode=0o750)
+    except FileExistsError:
+        pass
+    except FileNotFoundError as e:
+        raise CtlError(f"store.path: parent folder {path.parent} does not exist") from e
+    return path
+
+
+def _userdb(cfg: Config) -> UserDB:
+    return UserDB(_store_dir(cfg) / "users.db")
+
+
+def _store_key(cfg: Config) -> StoreKey:
+    return StoreKey.load_or_create(_store_dir(cfg) / "store.key")
+
+
+def _address(text: str) -> str:
+    try:
+        return normalize_address(text)
+    except ValueError as e:
+        raise CtlError(str(e)) from e
+
+
+def _local_address(text: str, cfg: Config) -> str:
+    """The canonical address of a new user, which must belong to one of ``domains.local``.
+
+    Only new users are held to this: users of a domain since removed must stay manageable.
+    """
+    address = _address(text)
+    domain = address.partition("@")[2]
+    if domain not in cfg.domains.local:
+        raise CtlError(f"{domain} is not a local domain (domains.local: {', '.join(cfg.domains.local)})")
+    return address
+
+
+def _read_password(from_stdin: bool) -> str:
+    """One line of stdin, or the terminal asked twice; an empty password is refused."""
+    if from_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Password again: ")
+        except (EOFError, KeyboardInterrupt) as e:
+            raise CtlError("cancelled") from e
+        if password != again:
+            raise CtlError("passwords do not match")
+    if not password:
+        raise CtlError("empty password refused")
+    return password
+
+
+def _timestamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _user_add(cfg: Config, args: argparse.Namespace) -> int:
+    address = _local_address(args.address, cfg)
+    if args.source == "directory" and (args.password_stdin or args.storage):
+        raise CtlError("directory users have no local password: drop --password-stdin and --storage")
+    db = _userdb(cfg)
+    try:
+        if db.get(address) is not None:
+            raise CtlError(f"{address} already exists")
+        if args.source == "directory":
+            record = db.add(address, None, "directory", _store_key(cfg))
+        else:
+            password = _read_password(args.password_stdin)
+            storage = args.storage or cfg.security.password_storage
+            record = db.add(address, password, storage, _store_key(cfg))
+    except DuplicateUser as e:
+        raise CtlError(f"{e} already exists") from e
+    finally:
+        db.close()
+    print(f"added {record.address} ({record.storage})")
+    return 0
+
+
+def _user_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    address = _address(args.address)
+    db = _userdb(cfg)
+    try:
+        record = db.get(address)
+        if record is None:
+            raise CtlError(f"no such user: {address}")
+        if record.storage == "directory":
+            raise CtlError(f"{address} is a directory user: change the password in the directory")
+        password = _read_password(args.password_stdin)
+        storage = args.storage or cfg.security.password_storage
+        record = db.set_password(address, password, storage, _store_key(cfg))
+    except NoSuchUser as e:
+        raise CtlError(f"no such user: {e}") from e
+    finally:
+        db.close()
+    print(f"password changed for {record.address} ({record.storage})")
+    return 0
+
+
+def _user_del(cfg: Config, args: argparse.Namespace) -> int:
+    address = _address(args.address)
+    db = _userdb(cfg)
+    try:
+        deleted = db.delete(address)
+    finally:
+        db.close()
+    if not deleted:
+        raise CtlError(f"no such user: {address}")
+    print(f"deleted {address}")
+    return 0
+
+
+def _set_enabled(cfg: Config, args: argparse.Namespace, enabled: bool) -> int:
+    address = _address(args.address)
+    db = _userdb(cfg)
+    try:
+        db.set_enabled(address, enabled)
+    except NoSuchUser as e:
+        raise CtlError(f"no such user: {e}") from e
+    finally:
+        db.close()
+    print(f"{'enabled' if enabled else 'disabled'} {address}")
+    return 0
+
+
+def _user_list(cfg: Config, args: argparse.Namespace) -> int:
+    db = _userdb(cfg)
+    try:
+        records = db.list()
+    finally:
+        db.close()
+    width = max([len("ADDRESS"), *(len(r.address) for r in records)])
+    print(f"{'ADDRESS':<{width}}  {'STORAGE':<9}  ENABLED")
+    for r in records:
+        print(f"{r.address:<{width}}  {r.storage:<9}  {'yes' if r.enabled else 'no'}")
+    return 0
+
+
+def _user_show(cfg: Config, args: argparse.Namespace) -> int:
+    address = _address(args.address)
+    db = _userdb(cfg)
+    try:
+        record = db.get(address)
+    finally:
+        db.close()
+    if record is None:
+        raise CtlError(f"no such user: {address}")
+    print(f"address: {record.address}")
+    print(f"storage: {record.storage}")
+    print(f"enabled: {'yes' if record.enabled else 'no'}")
+    print(f"created: {_timestamp(record.created)}")
+    print(f"changed: {_timestamp(record.changed)}")
+    return 0
+
+
+def _check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print("configuration OK")
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
+    problems = runtime_problems(cfg)
+    for problem in problems:
+        print(f"cannot start here: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+Command = Callable[[Config, argparse.Namespace], int]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsctl", description="Administer a kms mail server.")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    check = verbs.add_parser(
+        "check-config", help="validate the configuration",
+        description="Print every problem of the configuration file (exit 1), or 'configuration OK' with "
+                    "warnings; exit 1 as well when the server could not start on this machine.",
+    )
+    check.set_defaults(func=_check_config)
+
+    user = verbs.add_parser("user", help="manage local users", description="Manage users of the user DB.")
+    user_verbs = user.add_subparsers(dest="user_verb", required=True, metavar="ACTION")
+
+    def address_verb(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        p = user_verbs.add_parser(name, help=help, description=help)
+        p.add_argument("address", metavar="ADDRESS", help="the user's address, local@domain")
+        p.set_defaults(func=func)
+        return p
+
+    def password_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of standard input instead of asking twice")
+        p.add_argument("--storage", choices=("des", "sha"),
+                       help="des: reversible, every method; sha: one-way, plaintext methods only "
+                            "(default: security.password_storage)")
+
+    add = address_verb("add", _user_add, "create a user")
+    password_options(add)
+    add.add_argument("--source", choices=("local", "directory"), default="local",
+                     help="directory: the user logs in with the Active Directory password (no local one)")
+    password_options(address_verb("passwd", _user_passwd, "set a user's password"))
+    address_verb("del", _user_del, "delete a user from the user DB")
+    address_verb("show", _user_show, "show a user (never the password)")
+    address_verb("enable", lambda c, a: _set_enabled(c, a, True), "allow a disabled user to log in again")
+    address_verb("disable", lambda c, a: _set_enabled(c, a, False), "refuse every login of a user")
+    lst = user_verbs.add_parser("list", help="list users", description="List address, storage, enabled.")
+    lst.set_defaults(func=_user_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one kmsctl command; the exit status (0 success, 1 failure, 2 bad usage)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    func: Command = args.func
+    try:
+        return func(cfg, args)
+    except CtlError as e:
+        print(f"kmsctl: {e}", file=sys.stderr)
+    except StoreKeyError as e:
+        print(f"kmsctl: store key: {e}", file=sys.stderr)
+    except sqlite3.Error as e:
+        print(f"kmsctl: user database: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"kmsctl: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
