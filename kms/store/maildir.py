@@ -1,0 +1,328 @@
+"""Maildir layout and durable delivery.
+
+Twisted's maildir code is unusable (no fsync, broken on Python 3; see the audit §4.1), so this is
+our own.  A user's maildir is ``<store>/mail/<domain>/<localpart>/`` with ``tmp/ new/ cur/``
+(Maildir++: sub-folders are ``.Name`` directories inside it).
+
+Delivery is what "250 OK" promises: each copy is written in ``tmp/``, fsync'd, renamed into
+``new/``, and ``new/`` is fsync'd, all before the Deferred fires.  Creating an inode costs about
+1 ms here, so the work runs on dedicated threads that group-commit: each takes its share of the
+pending jobs (up to a batch), and a directory shared by the batch is fsync'd once, not per file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+import threading
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+
+_MAX_PART = 255  # bytes: the usual file-name limit
+_CHUNK = 1 << 16
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def mailbox_path(mail_root: Path, address: str) -> Path:
+    """The maildir root of ``address`` under ``mail_root``; the only place an address becomes a path.
+
+    Refuses (ValueError) anything that could name another directory: separators, NUL and control
+    characters, leading dots (``.x`` would look like a Maildir++ folder), ``..``, over-long parts,
+    and any result that resolves (through symlinks too) outside ``mail_root``.
+    """
+    lowered = address.lower()
+    if lowered.count("@") != 1:
+        raise ValueError(f"address must contain exactly one '@': {address!r}")
+    local, domain = lowered.split("@")
+    for part in (local, domain):
+        _check_part(part, address)
+    path = mail_root / domain / local
+    root = mail_root.resolve()
+    resolved = path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ValueError(f"address leaves the mail root: {address!r}")
+    return path
+
+
+def _check_part(part: str, address: str) -> None:
+    if not part:
+        raise ValueError(f"empty local part or domain: {address!r}")
+    if part.startswith(".") or ".." in part:
+        raise ValueError(f"dot not allowed there: {address!r}")
+    if any(c in "/\\" or unicodedata.category(c) in ("Cc", "Cs") for c in part):
+        raise ValueError(f"forbidden character: {address!r}")
+    if len(part.encode("utf-8")) > _MAX_PART:
+        raise ValueError(f"part longer than {_MAX_PART} bytes: {address!r}")
+
+
+def ensure_maildir(root: Path) -> None:
+    """Create ``root`` and its ``tmp/ new/ cur/`` (0700) if missing; idempotent and race-safe.
+
+    Blocking (mkdir, fsync): call it from a thread, not the reactor.  Each directory it creates is
+    made durable by fsyncing its parent, so a delivery acknowledged later cannot lose its folder.
+    """
+    missing: list[Path] = []
+    current = root
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for directory in [*reversed(missing), root / "tmp", root / "new", root / "cur"]:
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        _fsync_dir(directory.parent)
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """Escape the characters that would break a maildir name (``/``, ``:`` and the ``,`` of ``,S=``)."""
+    return hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+
+def maildir_name(
+    seconds: int, microseconds: int, pid: int, counter: int, random_hex: str, hostname: str
+) -> str:
+    """A unique maildir base name: ``<secs>.M<usec>P<pid>Q<counter>R<random>.<host>``."""
+    return f"{seconds}.M{microseconds}P{pid}Q{counter}R{random_hex}.{sanitize_hostname(hostname)}"
+
+
+class _NameSource:
+    """Fresh names for this process; the counter and random part keep threads and restarts apart."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._host = socket.gethostname()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        seconds, microseconds = divmod(time.time_ns() // 1000, 1_000_000)
+        return maildir_name(
+            seconds, microseconds, self._pid, next(self._counter), secrets.token_hex(4), self._host
+        )
+
+
+class SpoolSource(Protocol):
+    """Anything that can hand out a reader of the message body from its start (a `MessageSpool`)."""
+
+    def open(self) -> BinaryIO: ...
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy to deliver: ``header`` (e.g. Received, X-Envelope-To) then the spool's body."""
+
+    maildir: Path
+    header: bytes
+    spool: SpoolSource
+
+
+@dataclass(eq=False)
+class _Job:
+    copies: Sequence[Copy]
+    deferred: Deferred[list[Path]] = field(default_factory=Deferred)
+
+
+class MaildirWriter(Service):
+    """Durable group-commit delivery on ``workers`` dedicated threads (not the reactor's pool).
+
+    Dedicated threads keep slow disks from starving DNS and other users of the shared pool.
+    Also a Twisted `Service`: ``startService``/``stopService`` call `start`/`stop`.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, workers: int = 4, max_batch: int = 64) -> None:
+        if workers < 1 or max_batch < 1:
+            raise ValueError("workers and max_batch must be at least 1")
+        self._call_from_thread = reactor.callFromThread  # type: ignore[misc]  # zope interface, no plugin
+        self._workers = workers
+        self._max_batch = max_batch
+        self._names = _NameSource()
+        self._cond = threading.Condition()
+        self._pending: deque[_Job] = deque()
+        self._stopping = False
+        self._live = 0
+        self._idle = 0  # workers waiting for work; guarded by _cond
+        self._stop_waiters: list[Deferred[None]] = []
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        if self._live:
+            raise RuntimeError("MaildirWriter already running")
+        self._stopping = False
+        self._idle = 0
+        self._live = self._workers
+        for i in range(self._workers):
+            threading.Thread(target=self._work, name=f"kms-maildir-{i}", daemon=True).start()
+
+    def stop(self) -> Deferred[None]:
+        """Refuse new work; fire once every accepted delivery has fired and the threads have ended."""
+        if not self._live:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        return waiter
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
+    def deliver(self, copies: Sequence[Copy]) -> Deferred[list[Path]]:
+        """Fire with the final ``new/`` paths (in order) once all copies and their directories are
+        fsync'd.  On failure nothing of this call stays in ``tmp/`` or ``new/``."""
+        if not self._live or self._stopping:
+            return fail(RuntimeError("MaildirWriter is not running"))
+        if not copies:
+            return succeed([])
+        job = _Job(list(copies))
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify()
+        return job.deferred
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    break
+                # Share the backlog with the other idle workers: fsyncs running in parallel threads
+                # join one journal commit, while fsyncs in one thread's batch are paid one by one.
+                share = min(-(-len(self._pending) // self._idle), self._max_batch)
+                self._idle -= 1
+                batch = [self._pending.popleft() for _ in range(share)]
+            self._call_from_thread(self._finish, _commit_batch(batch, self._names))
+        self._call_from_thread(self._worker_ended)
+
+    def _finish(self, outcomes: list[tuple[_Job, list[Path] | Failure]]) -> None:
+        for job, outcome in outcomes:
+            if isinstance(outcome, Failure):
+                job.deferred.errback(outcome)
+            else:
+                job.deferred.callback(outcome)
+
+    def _worker_ended(self) -> None:
+        self._live -= 1
+        if not self._live:
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+
+def _commit_batch(jobs: Sequence[_Job], names: Callable[[], str]) -> list[tuple[_Job, list[Path] | Failure]]:
+    """Blocking: write+fsync every copy, rename them all, fsync each distinct ``new/`` once.
+
+    A failing job is rolled back alone (its tmp files and already-renamed copies removed), so a
+    client retry after the error reply does not duplicate the message.
+    """
+    outcomes: list[tuple[_Job, list[Path] | Failure]] = []
+    published: list[tuple[_Job, list[Path]]] = []
+    for job in jobs:
+        try:
+            published.append((job, _publish(_stage(job.copies, names))))
+        except Exception:  # noqa: BLE001 - any error fails its own job only, carried in the Failure
+            outcomes.append((job, Failure()))
+    broken: dict[Path, Failure] = {}
+    for directory in {path.parent for _, paths in published for path in paths}:
+        try:
+            _fsync_dir(directory)
+        except OSError:
+            broken[directory] = Failure()
+    for job, paths in published:
+        failure = next((broken[p.parent] for p in paths if p.parent in broken), None)
+        if failure is None:
+            outcomes.append((job, paths))
+        else:
+            _unlink_all(paths)
+            outcomes.append((job, failure))
+    return outcomes
+
+
+def _stage(copies: Sequence[Copy], names: Callable[[], str]) -> list[tuple[Path, Path]]:
+    """Write each copy durably into its ``tmp/``; returns (tmp, final) pairs."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for copy in copies:
+            name = names()
+            tmp = copy.maildir / "tmp" / name
+            size = _write_file(tmp, copy.header, copy.spool)
+            staged.append((tmp, copy.maildir / "new" / f"{name},S={size}"))
+    except BaseException:
+        _unlink_all(tmp for tmp, _ in staged)
+        raise
+    return staged
+
+
+def _publish(staged: list[tuple[Path, Path]]) -> list[Path]:
+    done: list[Path] = []
+    try:
+        for tmp, final in staged:
+            os.rename(tmp, final)
+            done.append(final)
+    except BaseException:
+        _unlink_all(done)
+        _unlink_all(tmp for tmp, _ in staged[len(done) :])
+        raise
+    return done
+
+
+def _write_file(path: Path, header: bytes, spool: SpoolSource) -> int:
+    """Create ``path`` exclusively, write header+body, fsync; on any error remove it. Returns size."""
+    fd = os.open(path, _CREATE, 0o600)
+    try:
+        try:
+            with spool.open() as body:
+                chunk = header + body.read(_CHUNK)  # one write for the common small message
+                size = 0
+                while chunk:
+                    _write_all(fd, chunk)
+                    size += len(chunk)
+                    chunk = body.read(_CHUNK)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_all([path])
+        raise
+    return size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # best effort: the error that brought us here is the one to report
