@@ -180,14 +180,23 @@ class Config:
 # --- value parsers: pure, raise ValueError with a message fit to follow "key: " ------------------
 
 _SIZE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def parse_size(value: object) -> int:
@@ -342,8 +351,22 @@ def load_config(path: Path | str) -> Config:
 
 def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     known = {
-        "server", "listeners", "tls", "domains", "ip_groups", "relay", "smtp", "misc", "security",
-        "lockout", "store", "master", "directory", "proxy", "update", "logs",
+        "server",
+        "listeners",
+        "tls",
+        "domains",
+        "ip_groups",
+        "relay",
+        "smtp",
+        "misc",
+        "security",
+        "lockout",
+        "store",
+        "master",
+        "directory",
+        "proxy",
+        "update",
+        "logs",
     }
     for name in sorted(set(data) - known):
         ld.problem(name, "unknown section")
@@ -383,9 +406,23 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     if ld.problems:
         raise ConfigError(ld.problems)
     return Config(
-        path=ld.path, server=server, listeners=listeners, tls=tls, domains=domains, ip_groups=ip_groups,
-        relay=relay, smtp=smtp, misc=misc, security=security, lockout=lockout, store=store,
-        master=master, directory=directory, proxy=proxy, update=update, logs=logs,
+        path=ld.path,
+        server=server,
+        listeners=listeners,
+        tls=tls,
+        domains=domains,
+        ip_groups=ip_groups,
+        relay=relay,
+        smtp=smtp,
+        misc=misc,
+        security=security,
+        lockout=lockout,
+        store=store,
+        master=master,
+        directory=directory,
+        proxy=proxy,
+        update=update,
+        logs=logs,
     )
 
 
@@ -495,7 +532,9 @@ def _misc(s: _Section) -> MiscConfig:
 
 
 def _security(s: _Section) -> SecurityConfig:
-    methods = tuple(m.upper() for m in s.str_list("methods", ("CRAM-MD5", "DIGEST-MD5", "LOGIN", "NTLM", "PLAIN")))
+    methods = tuple(
+        m.upper() for m in s.str_list("methods", ("CRAM-MD5", "DIGEST-MD5", "LOGIN", "NTLM", "PLAIN"))
+    )
     for m in methods:
         if m not in KNOWN_METHODS:
             s.loader.problem("security.methods", f'"{m}" is not one of {", ".join(KNOWN_METHODS)}')
@@ -533,11 +572,15 @@ def _store(s: _Section) -> StoreConfig:
     soft = s.parsed("soft_limit", "1GB", parse_size)
     hard = s.parsed("hard_limit", "100MB", parse_size)
     if "hard_limit" in s.table and hard == 0:
-        s.loader.problem("store.hard_limit", "must not be 0 (the seed: new mail would be refused or warned about)")
+        s.loader.problem(
+            "store.hard_limit", "must not be 0 (the seed: new mail would be refused or warned about)"
+        )
     elif hard > soft:
         s.loader.problem("store.hard_limit", "must not be above store.soft_limit")
     return StoreConfig(
-        path=path, soft_limit=soft, hard_limit=hard,
+        path=path,
+        soft_limit=soft,
+        hard_limit=hard,
         hard_limit_action=s.choice("hard_limit_action", "refuse", ("refuse", "stop")),
     )
 
@@ -563,8 +606,9 @@ def _directory(s: _Section) -> DirectoryConfig:
         s.loader.problem("directory.uri", f'"{d.uri}" must start with ldap:// or ldaps://')
     if d.uri.startswith("ldap://") and not d.start_tls and not d.allow_plain_ldap:
         s.loader.problem(
-            "directory.uri", "ldap:// without start_tls would send passwords in clear; "
-            "set start_tls = true, use ldaps://, or allow_plain_ldap = true"
+            "directory.uri",
+            "ldap:// without start_tls would send passwords in clear; "
+            "set start_tls = true, use ldaps://, or allow_plain_ldap = true",
         )
     return d
 
@@ -608,7 +652,9 @@ def config_warnings(cfg: Config) -> list[str]:
     if cfg.relay.local_group == "" and cfg.misc.hide_local_ip:
         warnings.append("misc.hide_local_ip: has no effect without relay.local_group")
     if "submission" in cfg.listeners and not cfg.tls.certificate:
-        warnings.append("listeners.submission: without [tls] STARTTLS is not offered; passwords cross in clear")
+        warnings.append(
+            "listeners.submission: without [tls] STARTTLS is not offered; passwords cross in clear"
+        )
     return warnings
 
 

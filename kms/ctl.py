@@ -19,6 +19,7 @@ from pathlib import Path
 from kms.auth.passwords import StoreKey, StoreKeyError
 from kms.config import Config, ConfigError, config_warnings, load_config, runtime_problems
 from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address
+from kms.tls import generate_dev_certificate
 
 DEFAULT_CONFIG = Path("etc/kms.toml")
 
@@ -195,6 +196,22 @@ def _check_config(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _dev_setup(cfg: Config, args: argparse.Namespace) -> int:
+    """What `make run` needs before the first start: the store (parents too) and a dev certificate."""
+    cfg.store.path.mkdir(mode=0o750, parents=True, exist_ok=True)
+    _store_key(cfg)
+    if cfg.tls.certificate and cfg.tls.private_key:
+        names = sorted({"localhost", cfg.server.hostname})
+        if generate_dev_certificate(cfg.tls.certificate, cfg.tls.private_key, hostnames=names):
+            where = ", ".join([*names, "127.0.0.1", "::1"])
+            print(f"created a self-signed certificate for {where}: {cfg.tls.certificate}")
+    print(f"store: {cfg.store.path}")
+    for name, endpoint in cfg.listeners.items():
+        print(f"{name:<11} {endpoint}")
+    print(f"add a user:  .venv/bin/kmsctl --config {args.config} user add alice@{cfg.domains.local[0]}")
+    return 0
+
+
 Command = Callable[[Config, argparse.Namespace], int]
 
 
@@ -210,6 +227,13 @@ def _parser() -> argparse.ArgumentParser:
                     "warnings; exit 1 as well when the server could not start on this machine.",
     )
     check.set_defaults(func=_check_config)
+
+    dev = verbs.add_parser(
+        "dev-setup", help="create the store and a development certificate",
+        description="Create the store folder (with parents) and, if missing, a self-signed certificate "
+                    "for localhost at the [tls] paths; print the listeners. Used by `make run`.",
+    )
+    dev.set_defaults(func=_dev_setup)
 
     user = verbs.add_parser("user", help="manage local users", description="Manage users of the user DB.")
     user_verbs = user.add_subparsers(dest="user_verb", required=True, metavar="ACTION")

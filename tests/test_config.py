@@ -99,8 +99,13 @@ x = 1
         )
         text = "\n".join(problems)
         for key in (
-            "smtp.max_message_size:", "smtp.max_recipients:", "smtp.colour: unknown key",
-            "security.policy:", "security.methods:", "relay.local_group:", "bogus: unknown section",
+            "smtp.max_message_size:",
+            "smtp.max_recipients:",
+            "smtp.colour: unknown key",
+            "security.policy:",
+            "security.methods:",
+            "relay.local_group:",
+            "bogus: unknown section",
         ):
             self.assertIn(key, text)
         self.assertEqual(len(problems), 7, problems)
@@ -134,7 +139,9 @@ x = 1
 
     def test_implicit_tls_needs_certificate(self) -> None:
         problems = self.problems(MINIMAL + '[listeners]\nsmtps = "tcp:2465"\n')
-        self.assertEqual(problems, ["tls: certificate and private_key are required for smtps/pop3s/imaps listeners"])
+        self.assertEqual(
+            problems, ["tls: certificate and private_key are required for smtps/pop3s/imaps listeners"]
+        )
 
     def test_master_and_directory_rules(self) -> None:
         """Master needs a group; plain ldap:// needs start_tls or an explicit allow."""
@@ -156,8 +163,12 @@ x = 1
 
     def test_warnings_and_runtime_problems(self) -> None:
         """sha storage with challenge methods warns (the seed's warning); a missing cert stops a start."""
-        cfg = load_config(self.write(MINIMAL + '[security]\npassword_storage = "sha"\n'
-                                     '[tls]\ncertificate = "nope.pem"\nprivate_key = "nope.key"\n'))
+        cfg = load_config(
+            self.write(
+                MINIMAL + '[security]\npassword_storage = "sha"\n'
+                '[tls]\ncertificate = "nope.pem"\nprivate_key = "nope.key"\n'
+            )
+        )
         warnings = config_warnings(cfg)
         self.assertEqual(len(warnings), 1)
         self.assertIn("CRAM-MD5, DIGEST-MD5", warnings[0])

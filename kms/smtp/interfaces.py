@@ -57,7 +57,9 @@ class Spool(Protocol):
 class MailBackend(Protocol):
     """What the SMTP protocol asks of the rest of the server. All methods may fail with Refusal."""
 
-    def check_sender(self, client: ClientInfo, sender: str, params: Mapping[str, str | None]) -> Deferred[None]:
+    def check_sender(
+        self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
+    ) -> Deferred[None]:
         """MAIL FROM: may this client start a transaction with this reverse-path (and SIZE)?"""
 
     def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[None]:

@@ -1,0 +1,162 @@
+"""Config in, a running server out: the one place that knows how the parts are wired together.
+
+`build_service` turns a validated `Config` into a `MultiService`: the store on disk, the logs, the
+thread pools (one for the user database and password hashing, one set of maildir writer threads),
+the cred portal, and one endpoint service per configured SMTP listener.  Each part is a small
+service so ``twistd`` starts and stops them in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from kms import __version__
+from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.passwords import StoreKey
+from kms.auth.realm import Realm
+from kms.auth.sasl import SASLEngine
+from kms.auth.session import LoginSession
+from kms.clientinfo import ClientInfo
+from kms.config import IMPLICIT_TLS_LISTENERS, Config
+from kms.logs import Logs
+from kms.smtp.delivery import LocalDelivery, RecipientResolver, RelayRules
+from kms.smtp.server import SMTPFactory, SMTPSettings
+from kms.store.maildir import MaildirWriter
+from kms.store.users import UserDB
+from kms.tls import server_context_factory
+
+log = Logger()
+
+SMTP_LISTENERS = ("smtp", "submission", "smtps")
+
+
+class StorePaths:
+    """Where things live inside ``[store] path``; created with owner-only permissions."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mail = root / "mail"
+        self.tmp = root / "tmp"
+        self.logs = root / "logs"
+        self.users_db = root / "users.db"
+        self.store_key = root / "store.key"
+
+    def create(self) -> None:
+        for d in (self.root, self.mail, self.tmp):
+            d.mkdir(mode=0o750, parents=(d is self.root), exist_ok=True)
+
+
+class _Stoppable(Service):
+    """Runs ``start`` and ``stop`` callables with the service (thread pools, writer, logs)."""
+
+    def __init__(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
+        self.setName(name)
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        return self._stop()
+
+
+class _ListenerService(StreamServerEndpointService):
+    """An endpoint service that says where it listens once it does (and fails the start if it can't)."""
+
+    def __init__(self, name: str, description: str, endpoint, factory) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(endpoint, factory)
+        self.setName(name)
+        self._description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):  # type: ignore[no-untyped-def]
+        log.info("kms {name} listening on {where}", name=self.name, where=self._description)
+        return port
+
+
+def build_service(cfg: Config, reactor: IReactorCore) -> MultiService:
+    """Assemble every part of the server for ``cfg``; nothing listens until the service starts."""
+    top = MultiService()
+    paths = StorePaths(cfg.store.path)
+    paths.create()
+    logs = Logs(paths.logs, cfg.logs.debug)
+    _Stoppable("logs", lambda: None, logs.close).setServiceParent(top)
+
+    auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-auth")
+    _Stoppable("auth-pool", auth_pool.start, auth_pool.stop).setServiceParent(top)
+    users = UserDB(paths.users_db)
+    key = StoreKey.load_or_create(paths.store_key)
+    default_domain = cfg.domains.local[0]
+    checker = CompositeChecker(
+        [LocalUserChecker(users, key, auth_pool, reactor, default_domain=default_domain)]
+    )
+    portal = Portal(Realm(), [checker])
+    engine = SASLEngine(cfg.security.methods)
+
+    writer = MaildirWriter(reactor)
+    _Stoppable("maildir-writer", writer.start, writer.stop).setServiceParent(top)
+
+    backend = LocalDelivery(
+        hostname=cfg.server.hostname,
+        rules=RelayRules(cfg.domains.local, cfg.group(cfg.relay.local_group), cfg.relay.allow_authenticated),
+        resolver=RecipientResolver(users, auth_pool, reactor, cfg.domains.catch_all, default_domain),
+        writer=writer,
+        pool=auth_pool,
+        reactor=reactor,
+        logs=logs,
+        mail_root=paths.mail,
+        spool_dir=paths.tmp,
+        hide_version=cfg.misc.hide_version,
+        hide_local_ip=cfg.misc.hide_local_ip,
+        x_envelope_to=cfg.misc.x_envelope_to,
+    )
+
+    def session_factory(client: ClientInfo) -> LoginSession:
+        return LoginSession(portal, engine, client, logs, clock=reactor)
+
+    tls_context = None
+    if cfg.tls.certificate and cfg.tls.private_key:
+        tls_context = server_context_factory(cfg.tls.certificate, cfg.tls.private_key)
+    banner = "ESMTP" if cfg.misc.hide_version else f"ESMTP kms {__version__}"
+
+    for name in SMTP_LISTENERS:
+        if name not in cfg.listeners:
+            continue
+        implicit = name in IMPLICIT_TLS_LISTENERS
+        settings = SMTPSettings(
+            hostname=cfg.server.hostname,
+            listener=name,
+            banner=banner,
+            implicit_tls=implicit,
+            require_auth=name in ("submission", "smtps"),
+            max_message_size=cfg.smtp.max_message_size,
+            max_recipients=cfg.smtp.max_recipients,
+            max_errors=cfg.smtp.max_errors,
+            command_timeout=cfg.smtp.command_timeout,
+            data_timeout=cfg.smtp.data_timeout,
+        )
+        factory = SMTPFactory(
+            settings, backend, session_factory, None if implicit else tls_context, clock=reactor, logs=logs
+        )
+        wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
+        endpoint = serverFromString(reactor, cfg.listeners[name])
+        _ListenerService(name, cfg.listeners[name], endpoint, wrapped).setServiceParent(top)
+
+    return top

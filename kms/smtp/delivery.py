@@ -1,0 +1,256 @@
+"""What happens to mail the SMTP protocol accepted: relay control, recipients, trace headers, maildir.
+
+This is the `MailBackend` behind every SMTP listener.  The decisions (may this client relay? what
+does the Received header say?) are pure functions at the top of the module; `LocalDelivery` wires
+them to the user database (through a thread pool) and the durable maildir writer.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from kms import __version__
+from kms.clientinfo import ClientInfo
+from kms.ipgroups import IPGroup
+from kms.logs import Logs
+from kms.smtp.interfaces import Envelope, Refusal
+from kms.store.maildir import Copy, MaildirWriter, ensure_maildir, mailbox_path
+from kms.store.spool import MessageSpool
+from kms.store.users import UserDB
+
+# --- pure decisions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelayRules:
+    """Who may send to domains that are not ours (SPEC §2 [relay])."""
+
+    local_domains: tuple[str, ...]
+    local_group: IPGroup
+    allow_authenticated: bool
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``Local@Example.Test`` → (``Local``, ``example.test``); the bare ``postmaster`` has no domain."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        return address, ""
+    return local, domain.lower()
+
+
+def recipient_decision(rules: RelayRules, client: ClientInfo, recipient: str) -> str:
+    """``"local"``, ``"relay"`` (allowed to leave) or ``"deny"``: the relay-control verdict for one RCPT."""
+    _, domain = split_address(recipient)
+    if domain == "" or domain in rules.local_domains:
+        return "local"
+    if rules.local_group.contains(client.peer_host):
+        return "relay"
+    if rules.allow_authenticated and client.identity:
+        return "relay"
+    return "deny"
+
+
+_SAFE_HELO = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+
+
+def received_header(
+    envelope: Envelope,
+    hostname: str,
+    queue_id: str,
+    now: float,
+    hide_client: bool = False,
+    version: str | None = None,
+) -> bytes:
+    """The RFC 5321 §4.4 trace line we prepend, LF-terminated, folded to stay under 78 columns.
+
+    ``hide_client`` leaves out the client's address and reverse name (a local-network client with
+    ``hide_local_ip``); ``version`` names the product only when versions are not hidden.  The HELO
+    argument is hostile input: anything but host-name characters becomes ``unknown`` so it can
+    neither break the comment syntax nor smuggle header text.
+    """
+    helo = envelope.helo if _SAFE_HELO.match(envelope.helo or "") else "unknown"
+    client = envelope.client
+    if hide_client:
+        origin = f"from {helo}"
+    else:
+        name = (
+            client.reverse_name
+            if client.reverse_name and _SAFE_HELO.match(client.reverse_name)
+            else "unknown"
+        )
+        literal = f"IPv6:{client.peer_host}" if ":" in client.peer_host else client.peer_host
+        origin = f"from {helo} ({name} [{literal}])"
+    by = f"by {hostname} ({version})" if version else f"by {hostname}"
+    lines = [f"Received: {origin}", f"\t{by} with {envelope.protocol} id {queue_id}"]
+    if len(envelope.recipients) == 1:
+        lines.append(f"\tfor <{envelope.recipients[0]}>;")
+    else:
+        lines[-1] += ";"
+    lines.append(f"\t{formatdate(now, localtime=False)}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def new_queue_id(now: float) -> str:
+    """Sortable by time, unique without coordination: 6 bytes of time, 5 random, base32."""
+    raw = int(now * 1000).to_bytes(6, "big") + os.urandom(5)
+    return base64.b32encode(raw).decode("ascii").rstrip("=")
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class RecipientResolver:
+    """Maps an envelope recipient of a local domain to the mailbox address that receives it."""
+
+    def __init__(
+        self,
+        users: UserDB,
+        pool: ThreadPool,
+        reactor: object,
+        catch_all: Mapping[str, str],
+        default_domain: str,
+    ) -> None:
+        self._users = users
+        self._pool = pool
+        self._reactor = reactor
+        self._catch_all = catch_all
+        self._default_domain = default_domain
+
+    def resolve(self, recipient: str) -> Deferred[str | None]:
+        return deferToThreadPool(self._reactor, self._pool, self.resolve_blocking, recipient)
+
+    def resolve_blocking(self, recipient: str) -> str | None:
+        local, domain = split_address(recipient)
+        domain = domain or self._default_domain
+        address = f"{local}@{domain}".lower()
+        record = self._users.get(address)
+        if record is not None and record.enabled:
+            return record.address
+        catch = self._catch_all.get(domain)
+        if catch:
+            record = self._users.get(f"{catch}@{domain}")
+            if record is not None and record.enabled:
+                return record.address
+        return None
+
+
+class LocalDelivery:
+    """`MailBackend` for local domains; relaying answers 451 4.3.2 until the outbound queue exists."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        rules: RelayRules,
+        resolver: RecipientResolver,
+        writer: MaildirWriter,
+        pool: ThreadPool,
+        reactor: object,
+        logs: Logs,
+        mail_root: Path,
+        spool_dir: Path,
+        hide_version: bool,
+        hide_local_ip: bool,
+        x_envelope_to: bool,
+        clock: object = time,
+    ) -> None:
+        self.hostname = hostname
+        self.rules = rules
+        self.resolver = resolver
+        self.writer = writer
+        self.pool = pool
+        self.reactor = reactor
+        self.logs = logs
+        self.mail_root = mail_root
+        self.spool_dir = spool_dir
+        self.hide_version = hide_version
+        self.hide_local_ip = hide_local_ip
+        self.x_envelope_to = x_envelope_to
+        self.clock = clock
+
+    def check_sender(
+        self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
+    ) -> Deferred[None]:
+        """Any syntactically valid reverse-path is accepted (sender checks arrive with later issues)."""
+        return succeed(None)
+
+    @inlineCallbacks
+    def check_recipient(self, client: ClientInfo, sender: str, recipient: str):  # type: ignore[no-untyped-def]
+        verdict = recipient_decision(self.rules, client, recipient)
+        if verdict == "deny":
+            self.logs.mail("relay-denied", client, sender=sender, recipient=recipient)
+            raise Refusal(554, "5.7.1", f"<{recipient}>: Relay access denied")
+        if verdict == "relay":
+            raise Refusal(451, "4.3.2", f"<{recipient}>: Outbound delivery is not available yet, try later")
+        mailbox = yield self.resolver.resolve(recipient)
+        if mailbox is None:
+            self.logs.mail("unknown-recipient", client, sender=sender, recipient=recipient)
+            raise Refusal(550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown")
+
+    def new_spool(self) -> MessageSpool:
+        return MessageSpool(self.spool_dir)
+
+    @inlineCallbacks
+    def deliver(self, envelope: Envelope, spool: MessageSpool):  # type: ignore[no-untyped-def]
+        """Resolve, write every copy durably (group commit), log, and only then give the queue id."""
+        try:
+            now = self.clock.time()  # type: ignore[attr-defined]
+            queue_id = new_queue_id(now)
+            hide = self.hide_local_ip and self.rules.local_group.contains(envelope.client.peer_host)
+            trace = received_header(
+                envelope,
+                self.hostname,
+                queue_id,
+                now,
+                hide_client=hide,
+                version=None if self.hide_version else f"kms {__version__}",
+            )
+            targets = yield deferToThreadPool(self.reactor, self.pool, self._prepare, envelope.recipients)
+            copies = []
+            for recipient, _mailbox, maildir in targets:
+                header = trace
+                if self.x_envelope_to:
+                    header += f"X-Envelope-To: <{recipient}>\n".encode()
+                copies.append(Copy(maildir=maildir, header=header, spool=spool))
+            yield self.writer.deliver(copies)
+        finally:
+            spool.discard()
+        for recipient, mailbox, _ in targets:
+            self.logs.mail(
+                "delivered",
+                envelope.client,
+                id=queue_id,
+                sender=envelope.sender,
+                recipient=recipient,
+                mailbox=mailbox,
+                size=spool.size,
+                protocol=envelope.protocol,
+            )
+        return queue_id
+
+    def _prepare(self, recipients: Sequence[str]) -> list[tuple[str, str, Path]]:
+        """Thread-pool side: re-resolve each recipient, drop duplicates, make sure maildirs exist."""
+        seen: set[str] = set()
+        targets = []
+        for recipient in recipients:
+            mailbox = self.resolver.resolve_blocking(recipient)
+            if mailbox is None:
+                raise Refusal(451, "4.3.0", f"<{recipient}> disappeared during delivery, try again")
+            if mailbox in seen:
+                continue
+            seen.add(mailbox)
+            maildir = mailbox_path(self.mail_root, mailbox)
+            ensure_maildir(maildir)
+            targets.append((recipient, mailbox, maildir))
+        return targets
