@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 import kms
 from kms.store import maildir
@@ -235,9 +235,11 @@ class MaildirWriterTests(TestCase):
         good1, good2, good3 = self.maildir("g1"), self.maildir("g2"), self.maildir("g3")
         no_tmp = self.maildir("no_tmp")
         (no_tmp / "tmp").rmdir()
+        (no_tmp / "tmp").write_bytes(b"")  # tmp/ is a file: works as a failure even for root
         no_new = self.maildir("no_new")
         (no_new / "new").rmdir()
-        never = self.base / "never-created"
+        (self.base / "a-file").write_bytes(b"")
+        never = self.base / "a-file" / "mailbox"  # cannot be created
 
         gate = GatedSpool(b"gate")
         held = writer.deliver([Copy(good1, b"", gate)])
@@ -258,10 +260,10 @@ class MaildirWriterTests(TestCase):
         gate.gate.set()
 
         [held_path] = await held
-        await self.assertFailure(bad_tmp, FileNotFoundError)
+        await self.assertFailure(bad_tmp, NotADirectoryError)
         [a_path] = await ok_a
         await self.assertFailure(bad_new, FileNotFoundError)
-        await self.assertFailure(bad_missing, FileNotFoundError)
+        await self.assertFailure(bad_missing, NotADirectoryError)
         [b_path] = await ok_b
         self.assertDelivered(a_path, good2, b"Aa")
         self.assertDelivered(b_path, good3, b"Bb")
@@ -272,15 +274,13 @@ class MaildirWriterTests(TestCase):
             self.assertEqual(os.listdir(root / "tmp"), [], root)
         self.assertEqual(os.listdir(no_tmp / "new"), [])
 
-    async def test_unwritable_tmp(self) -> None:
-        if os.geteuid() == 0:
-            raise SkipTest("root ignores directory permissions")
+    async def test_missing_maildir_is_created(self) -> None:
+        """A first delivery to a new mailbox, or one whose folders were removed, creates them."""
         writer = self.make_writer()
-        root = self.maildir("ro")
-        (root / "tmp").chmod(0o500)
-        self.addCleanup((root / "tmp").chmod, 0o700)
-        await self.assertFailure(writer.deliver([Copy(root, b"", BytesSpool(b"x"))]), PermissionError)
-        self.assertEqual(os.listdir(root / "new"), [])
+        fresh = self.base / "fresh" / "user"
+        [path] = await writer.deliver([Copy(fresh, b"H", BytesSpool(b"x"))])
+        self.assertDelivered(path, fresh, b"Hx")
+        self.assertEqual(sorted(os.listdir(fresh)), ["cur", "new", "tmp"])
 
     async def test_spool_read_error_removes_tmp_file(self) -> None:
         class Broken:

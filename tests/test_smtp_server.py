@@ -109,9 +109,9 @@ class FakeBackend:
         self.calls.append(("MAIL", sender, dict(params)))
         return self._answer(self.refusals.get(("MAIL", sender)))
 
-    def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[None]:
+    def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[str]:
         self.calls.append(("RCPT", recipient))
-        return self._answer(self.refusals.get(("RCPT", recipient)))
+        return self._answer(self.refusals.get(("RCPT", recipient), f"route:{recipient}"))
 
     def new_spool(self) -> FakeSpool:
         if self.new_spool_fails:
@@ -411,6 +411,7 @@ class TransactionTests(SMTPServerTestCase):
         self.assertEqual(body, b"Subject: hi\n\n.dotted\nbody\n")
         self.assertEqual(envelope.sender, "alice@x.test")
         self.assertEqual(list(envelope.recipients), ["bob@example.test", "Postmaster"])
+        self.assertEqual(list(envelope.routes), ["route:bob@example.test", "route:Postmaster"])
         self.assertEqual(dict(envelope.mail_params), {"SIZE": "100", "BODY": "8BITMIME"})
         self.assertEqual(list(envelope.rcpt_params), [{}, {}])
         self.assertEqual(envelope.helo, "client.example.test")

@@ -31,6 +31,8 @@ class Envelope:
     """One mail transaction as accepted so far.
 
     ``protocol`` is the RFC 3848 "with" keyword (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA).
+    ``routes`` holds, for each recipient, what `MailBackend.check_recipient` answered for it: the
+    backend's own delivery target, opaque to the protocol, so delivery need not look it up again.
     ``mail_params``/``rcpt_params`` hold ESMTP parameters upper-cased keys -> raw values (``None``
     for flags such as SMTPUTF8).
     """
@@ -40,6 +42,7 @@ class Envelope:
     protocol: str
     sender: str  # "" for the null reverse-path
     recipients: Sequence[str]
+    routes: Sequence[str] = ()
     mail_params: Mapping[str, str | None] = field(default_factory=dict)
     rcpt_params: Sequence[Mapping[str, str | None]] = ()
 
@@ -62,8 +65,11 @@ class MailBackend(Protocol):
     ) -> Deferred[None]:
         """MAIL FROM: may this client start a transaction with this reverse-path (and SIZE)?"""
 
-    def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[None]:
-        """RCPT TO: local user exists / relaying allowed? Refusal(550 5.1.1), (554 5.7.1), (451 4.3.2)."""
+    def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[str]:
+        """RCPT TO: fires with the route (see `Envelope.routes`) or fails with a Refusal.
+
+        E.g. Refusal(550 5.1.1) unknown user, (554 5.7.1) relay denied, (451 4.3.2) try later.
+        """
 
     def new_spool(self) -> Spool:
         """A fresh spool for one DATA phase."""

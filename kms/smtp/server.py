@@ -107,6 +107,7 @@ class _Transaction:
     sender: str
     params: dict[str, str | None]
     recipients: list[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
 
 
 def _sanitize(text: str) -> str:
@@ -459,8 +460,9 @@ class SMTPServer(Protocol):
         if len(tx.recipients) >= self.settings.max_recipients:
             raise Refusal(452, "4.5.3", "Too many recipients")
 
-        def accepted(_: object) -> None:
+        def accepted(route: str) -> None:
             tx.recipients.append(command.recipient)
+            tx.routes.append(route)
             self._reply(250, "2.1.5", "Ok")
 
         d = maybeDeferred(self._backend.check_recipient, self.client, tx.sender, command.recipient)
@@ -525,6 +527,7 @@ class SMTPServer(Protocol):
             protocol=self._protocol_name(),
             sender=tx.sender,
             recipients=tuple(tx.recipients),
+            routes=tuple(tx.routes),
             mail_params=tx.params,
             rcpt_params=tuple({} for _ in tx.recipients),
         )

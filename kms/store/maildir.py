@@ -264,7 +264,11 @@ def _stage(copies: Sequence[Copy], names: Callable[[], str]) -> list[tuple[Path,
         for copy in copies:
             name = names()
             tmp = copy.maildir / "tmp" / name
-            size = _write_file(tmp, copy.header, copy.spool)
+            try:
+                size = _write_file(tmp, copy.header, copy.spool)
+            except FileNotFoundError:  # a new mailbox, or one whose folders were removed under us
+                ensure_maildir(copy.maildir)
+                size = _write_file(tmp, copy.header, copy.spool)
             staged.append((tmp, copy.maildir / "new" / f"{name},S={size}"))
     except BaseException:
         _unlink_all(tmp for tmp, _ in staged)
