@@ -266,7 +266,7 @@ class _Section:
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
             self.loader.problem(f"{self.name}.{key}", f"must be {kind_name}, not {value!r}")
             return default
-        return value  # type: ignore[no-any-return]
+        return value  # type: ignore[return-value]
 
     def text(self, key: str, default: str = "") -> str:
         return self._get(key, default, str, "a string")

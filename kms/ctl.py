@@ -217,21 +217,24 @@ Command = Callable[[Config, argparse.Namespace], int]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsctl", description="Administer a kms mail server.")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file (default: {DEFAULT_CONFIG})"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     check = verbs.add_parser(
-        "check-config", help="validate the configuration",
+        "check-config",
+        help="validate the configuration",
         description="Print every problem of the configuration file (exit 1), or 'configuration OK' with "
-                    "warnings; exit 1 as well when the server could not start on this machine.",
+        "warnings; exit 1 as well when the server could not start on this machine.",
     )
     check.set_defaults(func=_check_config)
 
     dev = verbs.add_parser(
-        "dev-setup", help="create the store and a development certificate",
+        "dev-setup",
+        help="create the store and a development certificate",
         description="Create the store folder (with parents) and, if missing, a self-signed certificate "
-                    "for localhost at the [tls] paths; print the listeners. Used by `make run`.",
+        "for localhost at the [tls] paths; print the listeners. Used by `make run`.",
     )
     dev.set_defaults(func=_dev_setup)
 
@@ -245,16 +248,26 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     def password_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--password-stdin", action="store_true",
-                       help="read the password from the first line of standard input instead of asking twice")
-        p.add_argument("--storage", choices=("des", "sha"),
-                       help="des: reversible, every method; sha: one-way, plaintext methods only "
-                            "(default: security.password_storage)")
+        p.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input instead of asking twice",
+        )
+        p.add_argument(
+            "--storage",
+            choices=("des", "sha"),
+            help="des: reversible, every method; sha: one-way, plaintext methods only "
+            "(default: security.password_storage)",
+        )
 
     add = address_verb("add", _user_add, "create a user")
     password_options(add)
-    add.add_argument("--source", choices=("local", "directory"), default="local",
-                     help="directory: the user logs in with the Active Directory password (no local one)")
+    add.add_argument(
+        "--source",
+        choices=("local", "directory"),
+        default="local",
+        help="directory: the user logs in with the Active Directory password (no local one)",
+    )
     password_options(address_verb("passwd", _user_passwd, "set a user's password"))
     address_verb("del", _user_del, "delete a user from the user DB")
     address_verb("show", _user_show, "show a user (never the password)")

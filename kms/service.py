@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -84,15 +84,19 @@ class _ListenerService(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):  # type: ignore[no-untyped-def]
         log.info("kms {name} listening on {where}", name=self.name, where=self._description)
         return port
 
 
-def build_service(cfg: Config, reactor: IReactorCore) -> MultiService:
-    """Assemble every part of the server for ``cfg``; nothing listens until the service starts."""
+def build_service(cfg: Config, reactor: Any) -> MultiService:
+    """Assemble every part of the server for ``cfg``; nothing listens until the service starts.
+
+    ``reactor`` is the running reactor: it provides time, threads and TCP (no one interface does).
+    """
     top = MultiService()
     paths = StorePaths(cfg.store.path)
     paths.create()
@@ -131,7 +135,7 @@ def build_service(cfg: Config, reactor: IReactorCore) -> MultiService:
     def session_factory(client: ClientInfo) -> LoginSession:
         return LoginSession(portal, engine, client, logs, clock=reactor)
 
-    tls_context = None
+    tls_context: Any = None
     if cfg.tls.certificate and cfg.tls.private_key:
         tls_context = server_context_factory(cfg.tls.certificate, cfg.tls.private_key)
     banner = "ESMTP" if cfg.misc.hide_version else f"ESMTP kms {__version__}"

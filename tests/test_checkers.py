@@ -28,8 +28,9 @@ E = TypeVar("E", bound=Exception)
 
 def creds(username: str, password: str, authzid: str | None = None) -> PlaintextCredentials:
     client = ClientInfo("192.0.2.7", 40000, "127.0.0.1", 2143, "imap")
-    return PlaintextCredentials(username=username, password=password, mechanism="PLAIN", client=client,
-                                authzid=authzid)
+    return PlaintextCredentials(
+        username=username, password=password, mechanism="PLAIN", client=client, authzid=authzid
+    )
 
 
 class CredentialsTests(TestCase):
@@ -196,8 +197,9 @@ class CompositeCheckerTests(TestCase):
 
     async def test_unknown_moves_on(self) -> None:
         first, second = Scripted(UnknownUser()), Scripted("bob@example.test")
-        self.assertEqual(await CompositeChecker([first, second]).requestAvatarId(creds("bob", "pw")),
-                         "bob@example.test")
+        self.assertEqual(
+            await CompositeChecker([first, second]).requestAvatarId(creds("bob", "pw")), "bob@example.test"
+        )
         self.assertEqual((first.calls, second.calls), (1, 1))
 
     async def test_first_success_wins(self) -> None:
@@ -238,8 +240,9 @@ class CompositeCheckerTests(TestCase):
         """A checker is asked only about credentials it declares it understands."""
         other = Scripted("wrong@example.test", (IUsernamePassword,))
         mine = Scripted("right@example.test")
-        self.assertEqual(await CompositeChecker([other, mine]).requestAvatarId(creds("x", "pw")),
-                         "right@example.test")
+        self.assertEqual(
+            await CompositeChecker([other, mine]).requestAvatarId(creds("x", "pw")), "right@example.test"
+        )
         self.assertEqual(other.calls, 0)
         d = CompositeChecker([other, mine]).requestAvatarId(UsernamePassword(b"x", b"pw"))
         self.assertEqual(await d, "wrong@example.test")
@@ -254,8 +257,10 @@ class CompositeOfLocalCheckersTests(TestCase):
         self.pool.start()
         self.addCleanup(self.pool.stop)
         checkers = []
-        for name, users in (("first", [("both@example.test", "first-pw")]),
-                            ("second", [("both@example.test", "second-pw"), ("only2@example.test", "pw2")])):
+        for name, users in (
+            ("first", [("both@example.test", "first-pw")]),
+            ("second", [("both@example.test", "second-pw"), ("only2@example.test", "pw2")]),
+        ):
             store = Path(self.mktemp())
             store.mkdir()
             key = StoreKey.load_or_create(store / "store.key")
@@ -267,10 +272,12 @@ class CompositeOfLocalCheckersTests(TestCase):
         self.composite = CompositeChecker(checkers)
 
     async def test_order(self) -> None:
-        self.assertEqual(await self.composite.requestAvatarId(creds("both@example.test", "first-pw")),
-                         "both@example.test")
-        self.assertEqual(await self.composite.requestAvatarId(creds("only2@example.test", "pw2")),
-                         "only2@example.test")
+        self.assertEqual(
+            await self.composite.requestAvatarId(creds("both@example.test", "first-pw")), "both@example.test"
+        )
+        self.assertEqual(
+            await self.composite.requestAvatarId(creds("only2@example.test", "pw2")), "only2@example.test"
+        )
 
     async def test_wrong_password_in_first_stops(self) -> None:
         d = self.composite.requestAvatarId(creds("both@example.test", "second-pw"))

@@ -65,8 +65,9 @@ class CtlTestCase(TestCase):
 class UserAddTests(CtlTestCase):
     def test_add_password_stdin(self) -> None:
         """The first stdin line is the password; storage defaults to security.password_storage (des)."""
-        code, out, err = self.run_ctl("user", "add", "Alice@Example.TEST", "--password-stdin",
-                                      stdin="s3cret pw\n")
+        code, out, err = self.run_ctl(
+            "user", "add", "Alice@Example.TEST", "--password-stdin", stdin="s3cret pw\n"
+        )
         self.assertEqual((code, err), (0, ""))
         self.assertIn("alice@example.test", out)
         record = self.record("alice@example.test")
@@ -144,8 +145,9 @@ class UserAddTests(CtlTestCase):
         record = self.record("ad@example.test")
         assert record is not None
         self.assertEqual((record.storage, record.secret), ("directory", ""))
-        code, _, err = self.run_ctl("user", "add", "ad2@example.test", "--source", "directory",
-                                    "--password-stdin")
+        code, _, err = self.run_ctl(
+            "user", "add", "ad2@example.test", "--source", "directory", "--password-stdin"
+        )
         self.assertEqual(code, 1)
         self.assertIn("no local password", err)
 
@@ -157,8 +159,9 @@ class OtherVerbTests(CtlTestCase):
         self.run_ctl("user", "add", "ad@example.test", "--source", "directory")
 
     def test_passwd(self) -> None:
-        code, _, err = self.run_ctl("user", "passwd", "alice@example.test", "--password-stdin",
-                                    "--storage", "sha", stdin="new\n")
+        code, _, err = self.run_ctl(
+            "user", "passwd", "alice@example.test", "--password-stdin", "--storage", "sha", stdin="new\n"
+        )
         self.assertEqual((code, err), (0, ""))
         record = self.record("alice@example.test")
         assert record is not None
@@ -186,9 +189,14 @@ class OtherVerbTests(CtlTestCase):
         code, out, _ = self.run_ctl("user", "list")
         self.assertEqual(code, 0)
         rows = [line.split() for line in out.splitlines()]
-        self.assertEqual(rows, [["ADDRESS", "STORAGE", "ENABLED"],
-                                ["ad@example.test", "directory", "no"],
-                                ["alice@example.test", "des", "yes"]])
+        self.assertEqual(
+            rows,
+            [
+                ["ADDRESS", "STORAGE", "ENABLED"],
+                ["ad@example.test", "directory", "no"],
+                ["alice@example.test", "des", "yes"],
+            ],
+        )
 
     def test_show_never_shows_secret(self) -> None:
         code, out, _ = self.run_ctl("user", "show", "ALICE@example.test")
@@ -267,8 +275,18 @@ class CheckConfigTests(CtlTestCase):
 
 class UsageTests(CtlTestCase):
     def test_every_verb_has_help(self) -> None:
-        for verb in ([], ["check-config"], ["user"], ["user", "add"], ["user", "passwd"], ["user", "del"],
-                     ["user", "list"], ["user", "show"], ["user", "enable"], ["user", "disable"]):
+        for verb in (
+            [],
+            ["check-config"],
+            ["user"],
+            ["user", "add"],
+            ["user", "passwd"],
+            ["user", "del"],
+            ["user", "list"],
+            ["user", "show"],
+            ["user", "enable"],
+            ["user", "disable"],
+        ):
             code, out, _ = self.run_ctl(*verb, "--help")
             self.assertEqual(code, 0, verb)
             self.assertIn("usage: kmsctl", out)
@@ -291,13 +309,18 @@ class SubprocessTests(CtlTestCase):
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
         return subprocess.run(
             [sys.executable, "-m", "kms.ctl", "--config", str(self.config), *argv],
-            input=stdin, capture_output=True, cwd=PROJECT_ROOT, env=env, timeout=60,
+            input=stdin,
+            capture_output=True,
+            cwd=PROJECT_ROOT,
+            env=env,
+            timeout=60,
         )
 
     def test_add_list_and_check(self) -> None:
         """A real kmsctl process adds a user from stdin; another lists it; the password checks."""
-        added = self.kmsctl("user", "add", "sub@example.test", "--password-stdin", "--storage", "sha",
-                            stdin=b"from-a-pipe\n")
+        added = self.kmsctl(
+            "user", "add", "sub@example.test", "--password-stdin", "--storage", "sha", stdin=b"from-a-pipe\n"
+        )
         self.assertEqual((added.returncode, added.stderr), (0, b""))
         listed = self.kmsctl("user", "list")
         self.assertEqual(listed.returncode, 0)

@@ -148,8 +148,16 @@ class TokenTests(TestCase):
     def test_malformed_tokens(self) -> None:
         """Garbage raises InvalidToken, never another exception type."""
         nonce = base64.b64encode(bytes(12)).decode()
-        for token in ("", "v1", "v2$AAAA$AAAA", "v1$!!$AAAA", f"v1${nonce}$é", "v1$AAAA$AAAA",
-                      f"v1${nonce}$AAAA", f"v1${nonce}$AAAA$extra"):
+        for token in (
+            "",
+            "v1",
+            "v2$AAAA$AAAA",
+            "v1$!!$AAAA",
+            f"v1${nonce}$é",
+            "v1$AAAA$AAAA",
+            f"v1${nonce}$AAAA",
+            f"v1${nonce}$AAAA$extra",
+        ):
             self.assertRaises(InvalidToken, _FIXED_KEY.decrypt, token, "a@x.test")
 
     @given(st.text(), st.text())
@@ -195,8 +203,15 @@ class HashTests(TestCase):
     def test_corrupt_hash_is_false(self) -> None:
         """A damaged stored hash refuses the login rather than raising."""
         good = hash_password("pw", 1000)
-        for stored in ("", "pw", good.replace("pbkdf2-sha256", "md5"), good.replace("$1000$", "$0$"),
-                       good.replace("$1000$", "$-5$"), good[:-8], good + "$x"):
+        for stored in (
+            "",
+            "pw",
+            good.replace("pbkdf2-sha256", "md5"),
+            good.replace("$1000$", "$0$"),
+            good.replace("$1000$", "$-5$"),
+            good[:-8],
+            good + "$x",
+        ):
             self.assertFalse(verify_password(stored, "pw"), stored)
             self.assertRaises(ValueError, parse_hash, stored)
 

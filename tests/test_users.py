@@ -253,12 +253,31 @@ class AddressTests(TestCase):
 
     def test_invalid(self) -> None:
         for bad in (
-            "", "alice", "@example.test", "alice@", "a@b@example.test", "a b@example.test",
-            "a@example.test ", "a\t@example.test", "a\r\n@example.test", "a\x00@example.test",
-            "a/b@example.test", "..@example.test", ".a@example.test", "a.@example.test", "a..b@example.test",
-            "a@-example.test", "a@example-.test", "a@example..test", "a@.example.test", "a@exa_mple.test",
-            "a\\b@example.test", '"a"@example.test', "x" * 65 + "@example.test",
-            "a@" + "b" * 64 + ".test", "a@" + ".".join(["abcdefgh"] * 30),
+            "",
+            "alice",
+            "@example.test",
+            "alice@",
+            "a@b@example.test",
+            "a b@example.test",
+            "a@example.test ",
+            "a\t@example.test",
+            "a\r\n@example.test",
+            "a\x00@example.test",
+            "a/b@example.test",
+            "..@example.test",
+            ".a@example.test",
+            "a.@example.test",
+            "a..b@example.test",
+            "a@-example.test",
+            "a@example-.test",
+            "a@example..test",
+            "a@.example.test",
+            "a@exa_mple.test",
+            "a\\b@example.test",
+            '"a"@example.test',
+            "x" * 65 + "@example.test",
+            "a@" + "b" * 64 + ".test",
+            "a@" + ".".join(["abcdefgh"] * 30),
         ):
             self.assertRaises(ValueError, normalize_address, bad)
 

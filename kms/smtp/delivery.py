@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -25,7 +25,7 @@ from kms import __version__
 from kms.clientinfo import ClientInfo
 from kms.ipgroups import IPGroup
 from kms.logs import Logs
-from kms.smtp.interfaces import Envelope, Refusal
+from kms.smtp.interfaces import Envelope, Refusal, Spool
 from kms.store.maildir import Copy, MaildirWriter, ensure_maildir, mailbox_path
 from kms.store.spool import MessageSpool
 from kms.store.users import UserDB
@@ -129,7 +129,7 @@ class RecipientResolver:
         self,
         users: UserDB,
         pool: ThreadPool,
-        reactor: IReactorTime,
+        reactor: Any,
         catch_all: Mapping[str, str],
         default_domain: str,
         ttl: float = 5.0,
@@ -186,7 +186,7 @@ class LocalDelivery:
         resolver: RecipientResolver,
         writer: MaildirWriter,
         pool: ThreadPool,
-        reactor: IReactorTime,
+        reactor: Any,
         logs: Logs,
         mail_root: Path,
         spool_dir: Path,
@@ -232,7 +232,7 @@ class LocalDelivery:
         return MessageSpool(self.spool_dir)
 
     @inlineCallbacks
-    def deliver(self, envelope: Envelope, spool: MessageSpool):  # type: ignore[no-untyped-def]
+    def deliver(self, envelope: Envelope, spool: Spool):  # type: ignore[no-untyped-def]
         """Write every copy durably (group commit), log, and only then give the queue id.
 
         One copy per distinct mailbox (two recipients that reach the same mailbox get one copy,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -55,6 +55,9 @@ class Spool(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def discard(self) -> None: ...
+
+    def open(self) -> BinaryIO:
+        """A reader from the first byte (the backend reads what the protocol wrote)."""
 
 
 class MailBackend(Protocol):

@@ -148,8 +148,9 @@ class UserDB:
         self._now = now
         self._lock = threading.Lock()
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                     check_same_thread=False)
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
         try:
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -188,8 +189,10 @@ class UserDB:
         now = self._now()
         try:
             with self._transaction() as db:
-                db.execute(f"INSERT INTO users ({_COLUMNS}) VALUES (?, ?, ?, 1, ?, ?)",
-                           (address, storage, secret, now, now))
+                db.execute(
+                    f"INSERT INTO users ({_COLUMNS}) VALUES (?, ?, ?, 1, ?, ?)",
+                    (address, storage, secret, now, now),
+                )
         except sqlite3.IntegrityError as e:
             raise DuplicateUser(address) from e
         return UserRecord(address, storage, secret, True, now, now)
