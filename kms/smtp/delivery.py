@@ -13,7 +13,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import formatdate
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def received_header(
         lines.append(f"\tfor <{envelope.recipients[0]}>;")
     else:
         lines[-1] += ";"
-    lines.append(f"\t{formatdate(now, localtime=False)}")
+    lines.append(f"\t{format_datetime(datetime.fromtimestamp(now, UTC))}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
