@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--dir", type=Path, default=ROOT / "var" / "bench" / "smtp")
+    parser.add_argument("--wrap", default="", help="command to run twistd under (e.g. eatmydata)")
+    parser.add_argument(
+        "--twistd-arg", action="append", default=[], help="extra twistd option (e.g. profiling)"
+    )
     args = parser.parse_args()
 
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -146,7 +150,16 @@ def main() -> None:
     twistd = Path(sys.executable).parent / "twistd"
     out = open(args.dir / "twistd.out", "wb")
     proc = subprocess.Popen(
-        [str(twistd), "--nodaemon", "--pidfile=", "kms", "--config", str(path)],
+        [
+            *args.wrap.split(),
+            str(twistd),
+            "--nodaemon",
+            "--pidfile=",
+            *args.twistd_arg,
+            "kms",
+            "--config",
+            str(path),
+        ],
         stdout=out,
         stderr=subprocess.STDOUT,
     )

@@ -18,7 +18,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -215,70 +215,90 @@ class LocalDelivery:
         """Any syntactically valid reverse-path is accepted (sender checks arrive with later issues)."""
         return succeed(None)
 
-    @inlineCallbacks
-    def check_recipient(self, client: ClientInfo, sender: str, recipient: str):  # type: ignore[no-untyped-def]
+    def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[str]:
+        """The mailbox for ``recipient``, or a Refusal: relay denied, relay not yet possible, unknown."""
         verdict = recipient_decision(self.rules, client, recipient)
         if verdict == "deny":
             self.logs.mail("relay-denied", client, sender=sender, recipient=recipient)
-            raise Refusal(554, "5.7.1", f"<{recipient}>: Relay access denied")
+            return fail(Refusal(554, "5.7.1", f"<{recipient}>: Relay access denied"))
         if verdict == "relay":
-            raise Refusal(451, "4.3.2", f"<{recipient}>: Outbound delivery is not available yet, try later")
-        mailbox = yield self.resolver.resolve(recipient)
-        if mailbox is None:
-            self.logs.mail("unknown-recipient", client, sender=sender, recipient=recipient)
-            raise Refusal(550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown")
-        return mailbox
+            return fail(
+                Refusal(451, "4.3.2", f"<{recipient}>: Outbound delivery is not available yet, try later")
+            )
+
+        def found(mailbox: str | None) -> str:
+            if mailbox is None:
+                self.logs.mail("unknown-recipient", client, sender=sender, recipient=recipient)
+                raise Refusal(550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown")
+            return mailbox
+
+        return self.resolver.resolve(recipient).addCallback(found)
 
     def new_spool(self) -> MessageSpool:
         return MessageSpool(self.spool_dir)
 
-    @inlineCallbacks
-    def deliver(self, envelope: Envelope, spool: Spool):  # type: ignore[no-untyped-def]
+    def deliver(self, envelope: Envelope, spool: Spool) -> Deferred[str]:
         """Write every copy durably (group commit), log, and only then give the queue id.
 
         One copy per distinct mailbox (two recipients that reach the same mailbox get one copy,
         stamped with the first recipient).  The mailbox of each recipient is the route RCPT found.
         """
-        try:
-            now = self.reactor.seconds()
-            queue_id = new_queue_id(now)
-            hide = self.hide_local_ip and self.rules.local_group.contains(envelope.client.peer_host)
-            trace = received_header(
-                envelope,
-                self.hostname,
-                queue_id,
-                now,
-                hide_client=hide,
-                version=None if self.hide_version else f"kms {__version__}",
-            )
-            targets: dict[str, str] = {}  # mailbox -> the first recipient that reached it
-            for recipient, mailbox in zip(envelope.recipients, envelope.routes, strict=True):
-                targets.setdefault(mailbox, recipient)
-            missing = [m for m in targets if m not in self._maildirs]
-            if missing:
-                found = yield deferToThreadPool(self.reactor, self.pool, self._locate, missing)
-                self._maildirs.update(found)
-            copies = []
-            for mailbox, recipient in targets.items():
-                header = trace
-                if self.x_envelope_to:
-                    header += f"X-Envelope-To: <{recipient}>\n".encode()
-                copies.append(Copy(maildir=self._maildirs[mailbox], header=header, spool=spool))
-            yield self.writer.deliver(copies)
-        finally:
+        now = self.reactor.seconds()
+        queue_id = new_queue_id(now)
+        targets: dict[str, str] = {}  # mailbox -> the first recipient that reached it
+        d = maybeDeferred(self._route, envelope, targets)
+        d.addCallback(lambda _: self.writer.deliver(self._copies(envelope, spool, queue_id, now, targets)))
+
+        def done(result: object) -> object:
             spool.discard()
+            return result
+
+        def logged(_: object) -> str:
+            for mailbox, recipient in targets.items():
+                self.logs.mail(
+                    "delivered",
+                    envelope.client,
+                    id=queue_id,
+                    sender=envelope.sender,
+                    recipient=recipient,
+                    mailbox=mailbox,
+                    size=spool.size,
+                    protocol=envelope.protocol,
+                )
+            return queue_id
+
+        return d.addBoth(done).addCallback(logged)
+
+    def _route(self, envelope: Envelope, targets: dict[str, str]) -> Deferred[None] | None:
+        """Fill ``targets``; locate (off the reactor) maildirs not seen before in this process."""
+        for recipient, mailbox in zip(envelope.recipients, envelope.routes, strict=True):
+            targets.setdefault(mailbox, recipient)
+        missing = [m for m in targets if m not in self._maildirs]
+        if not missing:
+            return None
+        located = deferToThreadPool(self.reactor, self.pool, self._locate, missing)
+        return located.addCallback(self._maildirs.update)
+
+    def _copies(
+        self, envelope: Envelope, spool: Spool, queue_id: str, now: float, targets: Mapping[str, str]
+    ) -> list[Copy]:
+        """One copy per mailbox: our Received header, X-Envelope-To, then the body as received."""
+        hide = self.hide_local_ip and self.rules.local_group.contains(envelope.client.peer_host)
+        trace = received_header(
+            envelope,
+            self.hostname,
+            queue_id,
+            now,
+            hide_client=hide,
+            version=None if self.hide_version else f"kms {__version__}",
+        )
+        copies = []
         for mailbox, recipient in targets.items():
-            self.logs.mail(
-                "delivered",
-                envelope.client,
-                id=queue_id,
-                sender=envelope.sender,
-                recipient=recipient,
-                mailbox=mailbox,
-                size=spool.size,
-                protocol=envelope.protocol,
-            )
-        return queue_id
+            header = trace
+            if self.x_envelope_to:
+                header += f"X-Envelope-To: <{recipient}>\n".encode()
+            copies.append(Copy(maildir=self._maildirs[mailbox], header=header, spool=spool))
+        return copies
 
     def _locate(self, mailboxes: Sequence[str]) -> dict[str, Path]:
         """Thread-pool side, once per mailbox and process: its validated maildir, created if new."""

@@ -112,6 +112,8 @@ class _Transaction:
 
 def _sanitize(text: str) -> str:
     """Reply text may come from a backend quoting client input: no line breaks or controls."""
+    if text.isprintable():
+        return text
     return "".join(char if char.isprintable() else " " for char in text)
 
 
