@@ -228,86 +228,130 @@ class MaildirWriter(Service):
                 waiter.callback(None)
 
 
-def _commit_batch(jobs: Sequence[_Job], names: Callable[[], str]) -> list[tuple[_Job, list[Path] | Failure]]:
-    """Blocking: write+fsync every copy, rename them all, fsync each distinct ``new/`` once.
+# A batch keeps at most this many written-but-not-yet-fsync'd files open before syncing them.
+_MAX_UNSYNCED = 256
 
+
+@dataclass
+class _Staged:
+    """One job's copies in ``tmp/``: written, then fsync'd together with the rest of the batch."""
+
+    job: _Job
+    files: list[tuple[Path, Path]] = field(default_factory=list)  # (tmp, final)
+    fds: list[int] = field(default_factory=list)  # written, not yet fsync'd and closed
+    failure: Failure | None = None
+
+    def fail(self) -> None:
+        """Record the current exception; close and remove everything of this job (tmp and new/)."""
+        self.failure = Failure()
+        _close_all(self.fds)
+        self.fds = []
+        _unlink_all(tmp for tmp, _ in self.files)
+        _unlink_all(final for _, final in self.files)
+
+
+def _commit_batch(jobs: Sequence[_Job], names: Callable[[], str]) -> list[tuple[_Job, list[Path] | Failure]]:
+    """Blocking: write every copy, fsync them all, rename them all, fsync each distinct ``new/`` once.
+
+    Writing the whole batch before the first fsync lets the file system commit the batch in one
+    journal transaction: the first fsync pays for it, the others find their data already on disk.
     A failing job is rolled back alone (its tmp files and already-renamed copies removed), so a
     client retry after the error reply does not duplicate the message.
     """
-    outcomes: list[tuple[_Job, list[Path] | Failure]] = []
-    published: list[tuple[_Job, list[Path]]] = []
+    staged: list[_Staged] = []
+    unsynced = 0
     for job in jobs:
+        entry = _Staged(job)
+        staged.append(entry)
         try:
-            published.append((job, _publish(_stage(job.copies, names))))
+            for copy in job.copies:
+                name = names()
+                tmp = copy.maildir / "tmp" / name
+                fd, size = _write_file(tmp, copy)
+                entry.fds.append(fd)
+                entry.files.append((tmp, copy.maildir / "new" / f"{name},S={size}"))
         except Exception:  # noqa: BLE001 - any error fails its own job only, carried in the Failure
-            outcomes.append((job, Failure()))
+            entry.fail()
+        unsynced += len(entry.fds)
+        if unsynced >= _MAX_UNSYNCED:
+            _sync(staged)
+            unsynced = 0
+    _sync(staged)
+    for entry in staged:
+        if entry.failure is None:
+            try:
+                for tmp, final in entry.files:
+                    os.rename(tmp, final)
+            except Exception:  # noqa: BLE001
+                entry.fail()
+    published = [e for e in staged if e.failure is None]
     broken: dict[Path, Failure] = {}
-    for directory in {path.parent for _, paths in published for path in paths}:
+    for directory in {final.parent for e in published for _, final in e.files}:
         try:
             _fsync_dir(directory)
         except OSError:
             broken[directory] = Failure()
-    for job, paths in published:
-        failure = next((broken[p.parent] for p in paths if p.parent in broken), None)
-        if failure is None:
-            outcomes.append((job, paths))
+    outcomes: list[tuple[_Job, list[Path] | Failure]] = []
+    for entry in staged:
+        if entry.failure is None:
+            failure = next((broken[f.parent] for _, f in entry.files if f.parent in broken), None)
+            if failure is not None:
+                _unlink_all(final for _, final in entry.files)
+                entry.failure = failure
+        if entry.failure is None:
+            outcomes.append((entry.job, [final for _, final in entry.files]))
         else:
-            _unlink_all(paths)
-            outcomes.append((job, failure))
+            outcomes.append((entry.job, entry.failure))
     return outcomes
 
 
-def _stage(copies: Sequence[Copy], names: Callable[[], str]) -> list[tuple[Path, Path]]:
-    """Write each copy durably into its ``tmp/``; returns (tmp, final) pairs."""
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for copy in copies:
-            name = names()
-            tmp = copy.maildir / "tmp" / name
-            try:
-                size = _write_file(tmp, copy.header, copy.spool)
-            except FileNotFoundError:  # a new mailbox, or one whose folders were removed under us
-                ensure_maildir(copy.maildir)
-                size = _write_file(tmp, copy.header, copy.spool)
-            staged.append((tmp, copy.maildir / "new" / f"{name},S={size}"))
-    except BaseException:
-        _unlink_all(tmp for tmp, _ in staged)
-        raise
-    return staged
-
-
-def _publish(staged: list[tuple[Path, Path]]) -> list[Path]:
-    done: list[Path] = []
-    try:
-        for tmp, final in staged:
-            os.rename(tmp, final)
-            done.append(final)
-    except BaseException:
-        _unlink_all(done)
-        _unlink_all(tmp for tmp, _ in staged[len(done) :])
-        raise
-    return done
-
-
-def _write_file(path: Path, header: bytes, spool: SpoolSource) -> int:
-    """Create ``path`` exclusively, write header+body, fsync; on any error remove it. Returns size."""
-    fd = os.open(path, _CREATE, 0o600)
-    try:
+def _sync(staged: Sequence[_Staged]) -> None:
+    """fsync and close every file still open; a failed fsync fails (and rolls back) its job."""
+    for entry in staged:
+        if not entry.fds:
+            continue
         try:
-            with spool.open() as body:
-                chunk = header + body.read(_CHUNK)  # one write for the common small message
-                size = 0
-                while chunk:
-                    _write_all(fd, chunk)
-                    size += len(chunk)
-                    chunk = body.read(_CHUNK)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            for fd in entry.fds:
+                os.fsync(fd)
+        except OSError:
+            entry.fail()
+        else:
+            _close_all(entry.fds)
+            entry.fds = []
+
+
+def _write_file(path: Path, copy: Copy) -> tuple[int, int]:
+    """Create ``path`` exclusively and write header+body; the open fd (for a later fsync) and size.
+
+    A missing maildir (new mailbox, or folders removed under us) is created and the write retried.
+    On any error the file is closed and removed.
+    """
+    try:
+        fd = os.open(path, _CREATE, 0o600)
+    except FileNotFoundError:
+        ensure_maildir(copy.maildir)
+        fd = os.open(path, _CREATE, 0o600)
+    try:
+        with copy.spool.open() as body:
+            chunk = copy.header + body.read(_CHUNK)  # one write for the common small message
+            size = 0
+            while chunk:
+                _write_all(fd, chunk)
+                size += len(chunk)
+                chunk = body.read(_CHUNK)
     except BaseException:
+        os.close(fd)
         _unlink_all([path])
         raise
-    return size
+    return fd, size
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
