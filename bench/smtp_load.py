@@ -15,7 +15,6 @@ import asyncio
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,15 +25,9 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from fsync_ceiling import ceiling  # noqa: E402 (this folder)
 
 from kms.config import load_config  # noqa: E402
-from tests.support.server import add_user, write_config  # noqa: E402
+from tests.support.server import TwistdProcess, add_user, free_port, write_config  # noqa: E402
 
 USERS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def message(n: int) -> bytes:
@@ -147,32 +140,9 @@ def main() -> None:
     cfg = load_config(path)
     for i in range(USERS):
         add_user(cfg, f"user{i}@example.test", "bench password")
-    twistd = Path(sys.executable).parent / "twistd"
-    out = open(args.dir / "twistd.out", "wb")
-    proc = subprocess.Popen(
-        [
-            *args.wrap.split(),
-            str(twistd),
-            "--nodaemon",
-            "--pidfile=",
-            *args.twistd_arg,
-            "kms",
-            "--config",
-            str(path),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    server = TwistdProcess(path, port, wrap=args.wrap.split(), twistd_args=args.twistd_arg)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start: " + (args.dir / "twistd.out").read_text())
-                time.sleep(0.1)
+        server.wait_listening()
         limit = ceiling(args.dir / "ceiling", 5.0)
         shutil.rmtree(args.dir / "ceiling")
         print(f"maildir create ceiling in this run (4 writers, fsync per file): {limit:.0f} files/s")
@@ -186,13 +156,11 @@ def main() -> None:
             for i in range(USERS)
         )
         print(f"SMTP messages durable in new/ after both runs: {stored} of {2 * n}")
-        before, peak = asyncio.run(big_message(port, proc.pid, 50_000_000))
+        before, peak = asyncio.run(big_message(port, server.proc.pid, 50_000_000))
         rss = f"{before // 1024} MiB before, {peak // 1024} MiB peak"
         print(f"SMTP server RSS streaming one 50 MB message: {rss}")
     finally:
-        proc.terminate()
-        proc.wait(10)
-        out.close()
+        server.stop()
         shutil.rmtree(cfg.store.path / "mail", ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ service so ``twistd`` starts and stops them in order.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,37 @@ class _Stoppable(Service):
         return self._stop()
 
 
+class _ReopenLogsOnHangup(Service):
+    """SIGHUP reopens the log files, so logrotate can move them away (``postrotate: kill -HUP``)."""
+
+    def __init__(self, logs: Logs, reactor: Any) -> None:
+        self.setName("log-rotation")
+        self._logs = logs
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._reopen)
+
+    def _reopen(self) -> None:
+        try:
+            self._logs.reopen()
+        except OSError as e:
+            log.error("cannot reopen the logs: {error}", error=e)
+        else:
+            log.info("kms logs reopened")
+
+
 class _ListenerService(StreamServerEndpointService):
     """An endpoint service that says where it listens once it does (and fails the start if it can't)."""
 
@@ -102,6 +134,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     paths.create()
     logs = Logs(paths.logs, cfg.logs.debug)
     _Stoppable("logs", lambda: None, logs.close).setServiceParent(top)
+    _ReopenLogsOnHangup(logs, reactor).setServiceParent(top)
 
     auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-auth")
     _Stoppable("auth-pool", auth_pool.start, auth_pool.stop).setServiceParent(top)

@@ -6,10 +6,8 @@ runs as a child process exactly as an admin starts it; the clients are smtplib i
 
 from __future__ import annotations
 
+import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,15 +15,9 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from kms.config import load_config
-from tests.support.server import add_user, write_config
+from tests.support.server import TwistdProcess, add_user, free_port, write_config
 
 BODY_LINES = 60  # ~4 KiB bodies
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def body_for(ident: str) -> bytes:
@@ -48,25 +40,9 @@ class KillNineTests(TestCase):
         path = write_config(directory, listeners={"smtp": f"tcp:{port}:interface=127.0.0.1"})
         cfg = load_config(path)
         add_user(cfg, "alice@example.test", "irrelevant password")
-        twistd = Path(sys.executable).parent / "twistd"
-        log = open(directory / "twistd.out", "wb")
-        proc = subprocess.Popen(
-            [str(twistd), "--nodaemon", "--pidfile=", "kms", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
-        self.addCleanup(log.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    self.fail("server did not start: " + (directory / "twistd.out").read_text())
-                time.sleep(0.1)
+        server = TwistdProcess(path, port)
+        self.addCleanup(lambda: server.proc.poll() is None and server.stop(signal.SIGKILL))
+        server.wait_listening()
 
         acked: list[str] = []
         lock = threading.Lock()
@@ -91,8 +67,7 @@ class KillNineTests(TestCase):
         for t in threads:
             t.start()
         time.sleep(2.0)
-        proc.kill()
-        proc.wait()
+        server.stop(signal.SIGKILL)
         stop.set()
         for t in threads:
             t.join(10)

@@ -163,7 +163,7 @@ def parse_path(
     ``enhanced`` is 5.1.7 for senders and 5.1.3 for recipients.  Source routes are accepted and
     dropped (RFC 5321 §4.1.1.3 / appendix C); non-ASCII needs SMTPUTF8 (RFC 6531: 553 5.6.7).
     """
-    if any(not char.isprintable() for char in path):
+    if not path.isprintable():
         raise Refusal(501, enhanced, "Control characters are not allowed in addresses")
     if _octets(path) > MAX_PATH:
         raise Refusal(501, enhanced, "Path too long")

@@ -7,6 +7,12 @@ the trial reactor serves them.
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -125,3 +131,55 @@ class RunningServer:
         if not new.is_dir():
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for child processes, which cannot report port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TwistdProcess:
+    """``twistd -n kms --config PATH`` as a child process, exactly as an admin starts it."""
+
+    def __init__(
+        self, config_path: Path, port: int, wrap: Sequence[str] = (), twistd_args: Sequence[str] = ()
+    ) -> None:
+        self.port = port
+        self.output = config_path.parent / "twistd.out"
+        twistd = Path(sys.executable).parent / "twistd"
+        self._out = open(self.output, "wb")
+        self.proc = subprocess.Popen(
+            [
+                *wrap,
+                str(twistd),
+                "--nodaemon",
+                "--pidfile=",
+                *twistd_args,
+                "kms",
+                "--config",
+                str(config_path),
+            ],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=config_path.parent,
+        )
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("server did not start: " + self.output.read_text()) from None
+                time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._out.close()
+        return code
