@@ -42,7 +42,9 @@ class _ServerCase(TestCase):
     @inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
         self.dir = Path(self.mktemp())
-        path = write_config(self.dir, local=self.local_group, hide_local_ip=self.hide_local_ip)
+        path = write_config(
+            self.dir, local=self.local_group, hide_local_ip=self.hide_local_ip, max_size="3MB"
+        )
         self.server = RunningServer(path)
         add_user(self.server.config, "alice@example.test", PASSWORD, "des")
         add_user(self.server.config, "bob@example.test", PASSWORD, "sha")
@@ -113,7 +115,7 @@ class SMTPEndToEndTests(_ServerCase):
     @inlineCallbacks
     def test_size_refused_at_mail(self):  # type: ignore[no-untyped-def]
         """smtplib announces SIZE; a message over max_message_size is refused with 552 5.3.4."""
-        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3100
 
         def client() -> BaseException | None:
             with self.smtp() as s:
@@ -376,7 +378,7 @@ class SMTPEndToEndTests(_ServerCase):
 
     @inlineCallbacks
     def test_disconnect_mid_data_leaves_nothing(self):  # type: ignore[no-untyped-def]
-        """A client that vanishes mid-DATA leaves no message in new/ and no spool file in the store."""
+        """A client that vanishes mid-DATA leaves nothing in new/, and its spool file (past 1 MiB) is gone."""
 
         def client() -> None:
             with socket.create_connection(("127.0.0.1", self.server.port("smtp")), timeout=10) as sock:
@@ -384,8 +386,10 @@ class SMTPEndToEndTests(_ServerCase):
                 sock.sendall(
                     b"HELO x.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
                 )
-                sock.sendall(b"Subject: cut\r\n\r\n" + b"y" * 200_000)
+                sock.sendall(b"Subject: cut\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2000)
                 time.sleep(0.3)
+                spilled = list((self.server.store / "tmp").iterdir())
+                self.assertEqual(len(spilled), 1, "a 2 MB message in progress should have spilled to disk")
 
         yield deferToThread(client)
         yield deferToThread(time.sleep, 0.3)
