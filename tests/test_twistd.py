@@ -15,6 +15,13 @@ from kms.config import load_config
 from tests.support.server import TwistdProcess, add_user, free_port, write_config
 
 
+def run_twistd(path: Path) -> subprocess.CompletedProcess[str]:
+    """Start ``twistd -n kms`` and wait for it to end (it should refuse to start)."""
+    twistd = Path(sys.executable).parent / "twistd"
+    command = [str(twistd), "--nodaemon", "--pidfile=", "kms", "--config", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=path.parent)
+
+
 class TwistdTests(TestCase):
     timeout = 60
 
@@ -22,14 +29,7 @@ class TwistdTests(TestCase):
         """A start with a broken file exits non-zero and prints one line per problem, naming the key."""
         directory = Path(self.mktemp()).absolute()
         path = write_config(directory, extra='[lockout]\nattempts = "five"\ncolour = "red"\n')
-        twistd = Path(sys.executable).parent / "twistd"
-        result = subprocess.run(
-            [str(twistd), "--nodaemon", "--pidfile=", "kms", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=directory,
-        )
+        result = run_twistd(path)
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("kms: lockout.attempts: must be an integer", result.stderr)
         self.assertIn("kms: lockout.colour: unknown key", result.stderr)
@@ -39,14 +39,7 @@ class TwistdTests(TestCase):
         directory = Path(self.mktemp()).absolute()
         path = write_config(directory)
         (directory / "tls" / "server.pem").unlink()
-        twistd = Path(sys.executable).parent / "twistd"
-        result = subprocess.run(
-            [str(twistd), "--nodaemon", "--pidfile=", "kms", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=directory,
-        )
+        result = run_twistd(path)
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("kms: tls.certificate:", result.stderr)
 
