@@ -11,7 +11,7 @@ import base64
 import itertools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -194,6 +194,7 @@ class LocalDelivery:
         hide_version: bool,
         hide_local_ip: bool,
         x_envelope_to: bool,
+        on_delivered: Callable[[str], None] | None = None,
     ) -> None:
         self.hostname = hostname
         self.rules = rules
@@ -208,6 +209,7 @@ class LocalDelivery:
         self.hide_local_ip = hide_local_ip
         self.x_envelope_to = x_envelope_to
         self._maildirs: dict[str, Path] = {}
+        self._on_delivered = on_delivered
 
     def check_sender(
         self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
@@ -255,6 +257,8 @@ class LocalDelivery:
 
         def logged(_: object) -> str:
             for mailbox, recipient in targets.items():
+                if self._on_delivered is not None:
+                    self._on_delivered(mailbox)  # open IMAP/POP3 sessions of that mailbox see it now
                 self.logs.mail(
                     "delivered",
                     envelope.client,
