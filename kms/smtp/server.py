@@ -43,6 +43,7 @@ from kms.auth.errors import (
 )
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
+from kms.net import set_tcp_nodelay
 from kms.smtp.commands import DataReader, parse_command, parse_helo, parse_mail, parse_rcpt
 from kms.smtp.interfaces import Envelope, MailBackend, Refusal, Spool
 
@@ -115,24 +116,6 @@ def _sanitize(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else " " for char in text)
-
-
-def _set_tcp_nodelay(transport: object) -> None:
-    """Replies written in pieces stall 40 ms on delayed ACKs without NODELAY (performance notes).
-
-    Under TLS the TCP transport is reached through the wrapper's ``transport`` attribute.
-    """
-    for _ in range(4):
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:  # not a TCP socket (UNIX socket, already closed)
-                pass
-            return
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return
 
 
 @dataclass
@@ -209,7 +192,7 @@ class SMTPServer(Protocol):
         settings = self.settings
         self.client = ClientInfo.from_transport(self.transport, settings.listener, settings.implicit_tls)
         self._session = self._session_factory(self.client)
-        _set_tcp_nodelay(self.transport)
+        set_tcp_nodelay(self.transport)
         self._debug("connect")
         self._line(f"220 {settings.hostname} {settings.banner}".rstrip())
         self._arm_timer()
