@@ -78,6 +78,7 @@ class FolderView(Protocol):
     uidnext: int
     readonly: bool
     messages: Sequence[MessageInfo]
+    recent: frozenset[int]  # UIDs that are \Recent for this session (RFC 3501 §2.3.2)
 
     def sync(self) -> FolderEvent:
         """Apply every change queued for this view since the last sync (pure, in memory)."""

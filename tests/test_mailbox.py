@@ -1,0 +1,637 @@
+"""The mailbox store on real maildirs, with a real thread pool: UIDs, flags, events, durability."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from kms.store.index import CACHE, UIDLIST, wire_form
+from kms.store.interfaces import Account, FolderEvent, FolderView, MailboxError, MaildropLocked, MessageInfo
+from kms.store.mailbox import MailStore, merge_events
+from kms.store.maildir import mailbox_path, maildir_name
+
+reactor: Any = _reactor
+ADDRESS = "alice@example.test"
+
+
+def analyze(wire: bytes) -> Mapping[str, object]:
+    """A stand-in for kms.imap.message.analyze: the Subject, and proof it saw the wire form."""
+    subject = ""
+    for line in wire.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"subject:"):
+            subject = line[8:].strip().decode("utf-8", "replace")
+    return {"subject": subject, "bare_lf": b"\n" in wire.replace(b"\r\n", b"")}
+
+
+def message(subject: str, body: str = "Hello.\n", lf: bytes = b"\n") -> bytes:
+    text = f"From: bob@example.test\nTo: alice@example.test\nSubject: {subject}\n\n{body}"
+    return text.encode().replace(b"\n", lf)
+
+
+_counter = iter(range(1, 10**9))
+
+
+def deliver(inbox: Path, data: bytes, when: int = 1700000000) -> str:
+    """Write a file into new/ the way SMTP delivery does (LF endings, ``,S=`` size)."""
+    name = f"{maildir_name(when, 0, 1, next(_counter), 'cafe0000', 'mx.test')},S={len(data)}"
+    (inbox / "new" / name).write_bytes(data)
+    return name
+
+
+class StoreCase(TestCase):
+    def setUp(self) -> None:
+        self.mail_root = Path(self.mktemp()).resolve()
+        self.mail_root.mkdir()
+        self.pool = ThreadPool(minthreads=1, maxthreads=4, name="test-store")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.store = self.new_store()
+        self.root = mailbox_path(self.mail_root, ADDRESS)
+
+    def new_store(self) -> MailStore:
+        """Another process's view of the same disk (nothing shared in memory)."""
+        store = MailStore(self.mail_root, self.pool, reactor, analyze)
+        self.addCleanup(store.close)
+        return store
+
+    async def account(self, store: MailStore | None = None) -> Account:
+        return await (store or self.store).account(ADDRESS)
+
+    async def open(
+        self, name: str = "INBOX", readonly: bool = False, store: MailStore | None = None
+    ) -> FolderView:
+        view = await (await self.account(store)).open(name, readonly)
+        self.addCleanup(view.close)
+        return view
+
+    async def refused(self, d: Deferred[Any], code: str) -> MailboxError:
+        error: MailboxError = await self.assertFailure(d, MailboxError)
+        self.assertEqual(error.code, code, str(error))
+        return error
+
+    def cur(self, folder: Path | None = None) -> list[str]:
+        return sorted(os.listdir((folder or self.root) / "cur"))
+
+
+class AccountTests(StoreCase):
+    async def test_first_login_defaults(self) -> None:
+        """INBOX plus Sent, Drafts, Trash, Junk with SPECIAL-USE, subscribed, on disk as Maildir++."""
+        account = await self.account()
+        self.assertIs(await self.account(), account)
+        listing = {f.name: f for f in await account.list()}
+        self.assertEqual(list(listing), ["INBOX", "Drafts", "Junk", "Sent", "Trash"])
+        for name, use in [
+            ("Sent", "\\Sent"),
+            ("Drafts", "\\Drafts"),
+            ("Trash", "\\Trash"),
+            ("Junk", "\\Junk"),
+        ]:
+            self.assertIn(use, listing[name].attributes)
+            self.assertTrue((self.root / f".{name}" / "cur").is_dir())
+        self.assertTrue(all(f.subscribed for f in listing.values()))
+        self.assertEqual(listing["INBOX"].attributes, {"\\HasNoChildren"})
+
+    async def test_defaults_only_on_first_login(self) -> None:
+        account = await self.account()
+        await account.delete("Junk")
+        listing = {f.name: f for f in await (await self.account(self.new_store())).list()}
+        self.assertEqual(listing["Junk"].attributes, {"\\NonExistent", "\\HasNoChildren"})  # still subscribed
+        self.assertFalse((self.root / ".Junk").exists())
+
+    async def test_concurrent_first_calls_share_one_account(self) -> None:
+        first, second = self.store.account(ADDRESS), self.store.account(ADDRESS.upper())
+        self.assertIs(await first, await second)
+
+    async def test_create_delete_hierarchy(self) -> None:
+        """Parents are implied (\\Noselect); deleting a parent with children leaves it \\Noselect."""
+        account = await self.account()
+        await account.create("Work/2024/Q1")
+        await self.refused(account.create("Work/2024/Q1"), "ALREADYEXISTS")
+        await self.refused(account.create("inbox"), "ALREADYEXISTS")
+        listing = {f.name: f.attributes for f in await account.list()}
+        self.assertEqual(listing["Work"], {"\\Noselect", "\\HasChildren"})
+        self.assertEqual(listing["Work/2024/Q1"], {"\\HasNoChildren"})
+        await account.create("Work")
+        await account.append("Work", message("kept?"))
+        await account.delete("Work")
+        listing = {f.name: f.attributes for f in await account.list()}
+        self.assertEqual(listing["Work"], {"\\Noselect", "\\HasChildren"})
+        self.assertFalse((self.root / ".Work").exists())
+        await self.refused(account.delete("Work"), "NONEXISTENT")
+        await self.refused(account.delete("Nope"), "NONEXISTENT")
+        await self.refused(account.delete("INBOX"), "CANNOT")
+        self.assertEqual([p for p in os.listdir(self.root) if p.startswith("kms-deleted")], [])
+
+    async def test_recreated_folder_gets_new_uidvalidity(self) -> None:
+        account = await self.account()
+        await account.create("X")
+        first, _ = await account.append("X", message("1"))
+        await account.delete("X")
+        await account.create("X")
+        second, uid = await account.append("X", message("2"))
+        self.assertNotEqual(first, second)
+        self.assertEqual(uid, 1)
+
+    async def test_path_tricks_refused(self) -> None:
+        """No name reaches outside the user's directory; odd but valid names stay inside it."""
+        account = await self.account()
+        for name in ["../x", "/etc", "a/../../b", "..", ".", "a//b", "a/", "x\x00y", "x\ny", "", "\x1b[0m"]:
+            await self.refused(account.create(name), "CANNOT")
+            await self.refused(account.open(name), "CANNOT")
+            await self.refused(account.append(name, b"x"), "CANNOT")
+        before = sorted(os.listdir(self.mail_root))
+        await account.create("..a/.b.")
+        await account.create("cur")
+        self.assertEqual(sorted(os.listdir(self.mail_root)), before)
+        self.assertTrue((self.root / ".%2E%2Ea.%2Eb%2E" / "cur").is_dir())
+        self.assertTrue((self.root / ".cur" / "cur").is_dir())
+        names = {f.name for f in await account.list()}
+        self.assertTrue({"..a/.b.", "cur"} <= names)
+
+    async def test_foreign_directories_are_not_folders(self) -> None:
+        (self.root / ".a%2eb").mkdir(parents=True)
+        (self.root / ".INBOX").mkdir()
+        account = await self.account()
+        names = [f.name for f in await account.list()]
+        self.assertEqual(names, ["INBOX", "Drafts", "Junk", "Sent", "Trash"])
+
+    async def test_subscriptions_persist(self) -> None:
+        account = await self.account()
+        await account.subscribe("Trash", False)
+        await account.subscribe("Later", True)  # allowed before it exists (RFC 3501)
+        await self.refused(account.subscribe("../x", True), "CANNOT")
+        listing = {f.name: f for f in await (await self.account(self.new_store())).list()}
+        self.assertFalse(listing["Trash"].subscribed)
+        self.assertTrue(listing["Later"].subscribed)
+        self.assertIn("\\NonExistent", listing["Later"].attributes)
+
+    async def test_status(self) -> None:
+        account = await self.account()
+        await account.append("INBOX", message("a"), ["\\Seen"])
+        await account.append("INBOX", message("b"))
+        deliver(self.root, message("c"))
+        status = await account.status("INBOX")
+        self.assertEqual((status.messages, status.unseen, status.recent, status.uidnext), (3, 2, 3, 4))
+        await self.refused(account.status("Nope"), "NONEXISTENT")
+
+
+class UidTests(StoreCase):
+    async def fill(self) -> tuple[int, list[int]]:
+        account = await self.account()
+        await account.append("INBOX", message("one"), ["\\Seen", "work"])
+        await account.append("INBOX", message("two"))
+        deliver(self.root, message("three"))
+        view = await self.open()
+        view.close()
+        return view.uidvalidity, [m.uid for m in view.messages]
+
+    async def reopen(self) -> FolderView:
+        return await self.open(store=self.new_store())
+
+    async def test_uids_stable_across_restarts(self) -> None:
+        uidvalidity, uids = await self.fill()
+        self.assertEqual(uids, [1, 2, 3])
+        view = await self.reopen()
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual(view.messages[0].flags, {"\\Seen", "work"})
+        self.assertEqual(view.messages[2].meta["subject"], "three")
+
+    async def test_rebuild_without_cache_keeps_uids(self) -> None:
+        uidvalidity, uids = await self.fill()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.root / CACHE}{suffix}").unlink(missing_ok=True)
+        view = await self.reopen()
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+        self.assertEqual(view.messages[0].flags, {"\\Seen"})  # keywords live in the cache only
+
+    async def test_rebuild_from_corrupt_cache(self) -> None:
+        uidvalidity, uids = await self.fill()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{self.root / CACHE}{suffix}").unlink(missing_ok=True)
+        (self.root / CACHE).write_bytes(b"this is not a database" * 100)
+        view = await self.reopen()
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual(view.messages[1].meta["subject"], "two")
+
+    async def test_lost_uidlist_means_new_uidvalidity(self) -> None:
+        uidvalidity, _ = await self.fill()
+        (self.root / UIDLIST).unlink()
+        view = await self.reopen()
+        self.assertNotEqual(view.uidvalidity, uidvalidity)
+        self.assertEqual(len(view.messages), 3)
+        self.assertEqual([m.uid for m in view.messages], [1, 2, 3])
+
+    async def test_torn_uidlist_tail(self) -> None:
+        """A crash mid-append leaves half a line: it is cut off and the UIDs after it stay unique."""
+        uidvalidity, _ = await self.fill()
+        with open(self.root / UIDLIST, "ab") as f:
+            f.write(b"4 half-writ")
+        account = await self.account(self.new_store())
+        self.assertEqual(await account.append("INBOX", message("four")), (uidvalidity, 4))
+        view = await self.reopen()
+        self.assertEqual([m.uid for m in view.messages], [1, 2, 3, 4])
+
+    async def test_cache_behind_the_log(self) -> None:
+        """A cache that lost its last commits (crash) catches up from the log: same UIDs."""
+        uidvalidity, _ = await self.fill()
+        await self.store.close()
+        saved = (self.root / CACHE).read_bytes()
+        store = self.new_store()
+        await (await self.account(store)).append("INBOX", message("four"))
+        await store.close()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{self.root / CACHE}{suffix}").unlink(missing_ok=True)
+        (self.root / CACHE).write_bytes(saved)
+        view = await self.reopen()
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, [1, 2, 3, 4]))
+        self.assertEqual(view.messages[3].meta["subject"], "four")
+
+    async def test_uidlist_compacted_without_lowering_uidnext(self) -> None:
+        """Lines of long-gone messages are dropped from the log; UIDNEXT stays where it was."""
+        count = 1200
+        for i in range(count):
+            (self.root / "cur").mkdir(parents=True, exist_ok=True)
+            (self.root / "cur" / f"{1700000000 + i}.M0P1Q{i}R0.mx.test,S=3").write_bytes(b"x\n\n")
+        view = await self.open()
+        self.assertEqual(view.uidnext, count + 1)
+        view.close()
+        await self.store.close()
+        for name in self.cur()[:-1]:
+            os.unlink(self.root / "cur" / name)
+        view = await self.reopen()
+        self.assertEqual([m.uid for m in view.messages], [count])
+        self.assertEqual(len((self.root / UIDLIST).read_bytes().splitlines()), 2)
+        _, uid = await (await self.account(self.new_store())).append("INBOX", message("next"))
+        self.assertEqual(uid, count + 1)
+
+    async def test_odd_files_ignored_and_bad_messages_indexed(self) -> None:
+        """Hidden files and names a uidlist line cannot hold are skipped; an analyzer failure
+        leaves the message indexed with empty meta."""
+        (self.root / "cur").mkdir(parents=True)
+        (self.root / "new").mkdir()
+        (self.root / "cur" / ".hidden").write_bytes(b"x")
+        (self.root / "cur" / "with space:2,").write_bytes(b"x")
+        (self.root / "new" / "1.M1P1Q1R1.host,S=5").write_bytes(b"\xff\xfe\n\n!")
+        store = MailStore(self.mail_root, self.pool, reactor, lambda wire: {"bad": wire.decode("ascii")})
+        self.addCleanup(store.close)
+        view = await self.open(store=store)
+        self.assertEqual([(m.uid, dict(m.meta)) for m in view.messages], [(1, {})])
+        self.flushLoggedErrors(UnicodeDecodeError)
+
+    async def test_uids_never_reused_after_expunge(self) -> None:
+        account = await self.account()
+        await account.append("INBOX", message("a"))
+        await account.append("INBOX", message("b"), ["\\Deleted"])
+        view = await self.open()
+        self.assertEqual(await view.expunge(), [2])
+        view.close()
+        _, uid = await (await self.account(self.new_store())).append("INBOX", message("c"))
+        self.assertEqual(uid, 3)
+
+    async def test_external_changes_reconciled(self) -> None:
+        """Files removed or re-flagged behind our back: the file names win over the cache."""
+        await self.fill()
+        names = {n.split(":")[0]: n for n in self.cur()}
+        by_uid = dict(line.split(" ") for line in (self.root / UIDLIST).read_text().splitlines()[1:])
+        os.unlink(self.root / "cur" / names[by_uid["2"]])
+        os.rename(self.root / "cur" / names[by_uid["3"]], self.root / "cur" / (by_uid["3"] + ":2,FS"))
+        view = await self.reopen()
+        self.assertEqual([m.uid for m in view.messages], [1, 3])
+        self.assertEqual(view.messages[1].flags, {"\\Flagged", "\\Seen"})
+
+
+class ViewTests(StoreCase):
+    async def test_delivery_reaches_open_view(self) -> None:
+        """delivered() → listener called → sync shows the message, moved to cur/ with ':2,'."""
+        view = await self.open()
+        called: list[None] = []
+        view.set_listener(lambda: called.append(None))
+        name = deliver(self.root, message("fresh"))
+        self.store.delivered(ADDRESS.upper())
+        self.store.delivered(ADDRESS)  # a second notice for the same files is harmless
+        while not called:
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(view.messages, [])  # only sync changes the snapshot
+        event = view.sync()
+        self.assertEqual([m.meta["subject"] for m in event.added], ["fresh"])
+        self.assertEqual(view.messages, list(event.added))
+        self.assertEqual(view.uidnext, 2)
+        self.assertEqual(view.recent, {1})
+        self.assertEqual(os.listdir(self.root / "new"), [])
+        self.assertEqual(self.cur(), [name + ":2,"])
+
+    async def test_delivered_for_closed_or_unknown_mailboxes_is_harmless(self) -> None:
+        self.store.delivered("nobody@example.test")
+        view = await self.open()
+        view.close()
+        self.store.delivered(ADDRESS)
+        deliver(self.root, message("later"))
+        view = await self.open()
+        self.assertEqual(len(view.messages), 1)
+
+    async def test_refresh_sees_new_files(self) -> None:
+        view = await self.open()
+        deliver(self.root, message("x"))
+        await view.refresh()
+        self.assertEqual(len(view.sync().added), 1)
+
+    async def test_expunge_reaches_other_views(self) -> None:
+        account = await self.account()
+        for i in range(4):
+            await account.append("INBOX", message(str(i)), ["\\Deleted"] if i in (1, 2) else [])
+        first, second = await self.open(), await self.open()
+        heard: list[None] = []
+        second.set_listener(lambda: heard.append(None))
+        self.assertEqual(await first.expunge([2, 4]), [2])
+        self.assertEqual(heard, [None])
+        self.assertEqual([m.uid for m in second.messages], [1, 2, 3, 4])
+        self.assertEqual(list(second.sync().expunged), [2])
+        self.assertEqual([m.uid for m in second.messages], [1, 3, 4])
+        self.assertEqual([m.uid for m in first.messages], [1, 2, 3, 4])  # its own sync shows it
+        self.assertEqual(list(first.sync().expunged), [2])
+        self.assertEqual(await first.expunge(), [3])
+        self.assertEqual(len(self.cur()), 2)
+
+    async def test_flags_are_file_names(self) -> None:
+        account = await self.account()
+        await account.append("INBOX", message("a"))
+        await account.append("INBOX", message("b"))
+        view, other = await self.open(), await self.open()
+        infos = await view.store([1, 2, 99], ["\\Seen", "\\flagged", "$Work", "\\Recent"], "+")
+        self.assertEqual([i.flags for i in infos], [{"\\Seen", "\\Flagged", "$Work"}] * 2)
+        self.assertTrue(all(n.endswith(":2,FS") for n in self.cur()), self.cur())
+        self.assertEqual(view.messages[0].flags, {"\\Seen", "\\Flagged", "$Work"})  # at once, for the caller
+        self.assertEqual(list(view.sync().flags), [])
+        self.assertEqual(other.messages[0].flags, frozenset())
+        self.assertEqual([i.flags for i in other.sync().flags], [{"\\Seen", "\\Flagged", "$Work"}] * 2)
+        await view.store([1], ["\\Flagged"], "-")
+        await view.store([2], ["\\Answered"], "")
+        names = self.cur()
+        self.assertTrue(names[0].endswith(":2,S") and names[1].endswith(":2,R"), names)
+        await other.store([1], ["\\Draft"], "+")
+        await view.store([1], ["\\Answered"], "+")  # newer than the change other just queued here
+        self.assertEqual(list(view.sync().flags), [])  # the STORE answer already showed it all
+        self.assertEqual(view.messages[0].flags, {"\\Seen", "\\Draft", "\\Answered", "$Work"})
+        await view.store([1], ["\\Draft", "\\Answered"], "-")
+        reopened = await self.open(store=self.new_store())
+        self.assertEqual([m.flags for m in reopened.messages], [{"\\Seen", "$Work"}, {"\\Answered"}])
+
+    async def test_readonly_view_refuses_changes(self) -> None:
+        await (await self.account()).append("INBOX", message("a"), ["\\Deleted"])
+        view = await self.open(readonly=True)
+        self.assertTrue(view.readonly)
+        await self.refused(view.store([1], ["\\Seen"], "+"), "CANNOT")
+        await self.refused(view.expunge(), "CANNOT")
+        self.assertEqual(len(self.cur()), 1)
+
+    async def test_recent_taken_by_first_read_write_view(self) -> None:
+        account = await self.account()
+        await account.append("INBOX", message("a"))
+        examine = await self.open(readonly=True)
+        first = await self.open()
+        second = await self.open()
+        self.assertEqual((examine.recent, first.recent, second.recent), ({1}, {1}, set()))
+        await account.append("INBOX", message("b"))
+        self.assertEqual(second.sync() and second.recent, {2})
+        self.assertEqual(first.sync() and first.recent, {1})
+        self.assertEqual((await account.status("INBOX")).recent, 0)
+
+    async def test_added_then_expunged_before_sync_is_invisible(self) -> None:
+        account = await self.account()
+        view, other = await self.open(), await self.open()
+        await account.append("INBOX", message("a"), ["\\Deleted"])
+        await view.expunge()
+        event = other.sync()
+        self.assertEqual((list(event.added), list(event.expunged)), ([], []))
+        self.assertEqual(other.uidnext, 2)
+
+    async def test_copy(self) -> None:
+        """COPY hard-links into the target, keeps flags and date, and answers COPYUID data."""
+        account = await self.account()
+        await account.append("INBOX", message("a"), ["\\Seen", "work"], internal_date=1600000000)
+        await account.append("INBOX", message("b"))
+        trash = await self.open("Trash")
+        view = await self.open()
+        uidvalidity, mapping = await view.copy([2, 1, 7], "Trash")
+        self.assertEqual(uidvalidity, trash.uidvalidity)
+        self.assertEqual(list(mapping), [(1, 1), (2, 2)])
+        copied = trash.sync().added
+        self.assertEqual([m.flags for m in copied], [{"\\Seen", "work"}, frozenset()])
+        self.assertEqual(copied[0].internal_date, 1600000000)
+        self.assertEqual(copied[0].meta["subject"], "a")
+        source, target = self.cur(), self.cur(self.root / ".Trash")
+        self.assertEqual(
+            (self.root / "cur" / source[0]).stat().st_ino,
+            (self.root / ".Trash" / "cur" / target[0]).stat().st_ino,
+        )
+        await self.refused(view.copy([1], "Nope"), "TRYCREATE")
+        await self.refused(view.copy([1], "../etc"), "CANNOT")
+        _, again = await view.copy([1], "INBOX")
+        self.assertEqual(list(again), [(1, 3)])
+
+    async def test_open_message_wire_form(self) -> None:
+        raw = message("wire") + b"line two\r\nline three\n"
+        _, uid = await (await self.account()).append("INBOX", raw)
+        deliver(self.root, message("lf", "x\n"))
+        view = await self.open()
+        first, second = view.messages
+        self.assertEqual(await view.open_message(first.uid), wire_form(raw))
+        self.assertEqual(first.size, len(wire_form(raw)))
+        self.assertEqual(
+            first.headers, b"From: bob@example.test\r\nTo: alice@example.test\r\nSubject: wire\r\n\r\n"
+        )
+        self.assertFalse(first.meta["bare_lf"])  # the analyzer is given the wire form
+        body = await view.open_message(second.uid)
+        self.assertEqual(body, message("lf", "x\n", b"\r\n"))
+        self.assertEqual(second.size, len(body))
+        await self.refused(view.open_message(99), "EXPUNGEISSUED")
+
+    async def test_open_message_during_flag_changes(self) -> None:
+        await (await self.account()).append("INBOX", message("a"))
+        view = await self.open()
+        stores = [view.store([1], ["\\Seen"], "+" if i % 2 else "-") for i in range(20)]
+        reads = [view.open_message(1) for _ in range(20)]
+        for d in stores:
+            await d
+        for d in reads:
+            self.assertEqual(await d, wire_form(message("a")))
+
+    async def test_deleted_folder_under_an_open_view(self) -> None:
+        account = await self.account()
+        await account.append("Trash", message("a"))
+        view = await self.open("Trash")
+        await account.delete("Trash")
+        self.assertEqual(list(view.sync().expunged), [1])
+        await self.refused(view.store([1], ["\\Seen"], "+"), "NONEXISTENT")
+
+    def test_merge_events_relative_to_snapshot(self) -> None:
+        def info(uid: int, *flags: str) -> MessageInfo:
+            return MessageInfo(uid, 1, 0.0, frozenset(flags), b"", {})
+
+        present = {1, 2, 3}.__contains__
+        event = merge_events(
+            [
+                FolderEvent(added=[info(4)], flags=[info(2, "\\Seen")]),
+                FolderEvent(expunged=[3, 4], flags=[info(5, "x")]),
+                FolderEvent(added=[info(5)], flags=[info(5, "\\Seen"), info(1, "y")]),
+                FolderEvent(expunged=[1]),
+            ],
+            present,
+        )
+        self.assertEqual(list(event.expunged), [1, 3])
+        self.assertEqual([(i.uid, i.flags) for i in event.added], [(5, {"\\Seen"})])
+        self.assertEqual([(i.uid, i.flags) for i in event.flags], [(2, {"\\Seen"})])
+
+
+class RenameTests(StoreCase):
+    async def test_rename_inbox_moves_messages(self) -> None:
+        account = await self.account()
+        await account.append("INBOX", message("a"), ["\\Seen"])
+        await account.append("INBOX", message("b"))
+        await account.create("INBOX/child")
+        view = await self.open()
+        await account.rename("inbox", "Old")
+        self.assertEqual(list(view.sync().expunged), [1, 2])
+        self.assertEqual(self.cur(), [])
+        old = await self.open("Old")
+        self.assertEqual(
+            [(m.uid, m.meta["subject"], m.flags) for m in old.messages],
+            [(1, "a", {"\\Seen"}), (2, "b", frozenset())],
+        )
+        names = {f.name for f in await account.list()}
+        self.assertTrue({"INBOX", "Old", "INBOX/child"} <= names)
+        _, uid = await account.append("INBOX", message("c"))
+        self.assertEqual(uid, 3)  # INBOX keeps its UID sequence
+        await self.refused(account.rename("INBOX", "Old"), "ALREADYEXISTS")
+
+    async def test_rename_with_children_and_open_view(self) -> None:
+        account = await self.account()
+        await account.create("A/B")
+        await account.create("A")
+        await account.append("A/B", message("deep"))
+        await account.subscribe("A/B", True)
+        view = await self.open("A/B")
+        await account.rename("A", "Z/A")
+        names = {f.name: f for f in await account.list()}
+        self.assertNotIn("A", names)
+        self.assertTrue(names["Z/A/B"].subscribed)
+        self.assertEqual(view.name, "Z/A/B")
+        await view.store([1], ["\\Seen"], "+")  # the open view follows its folder
+        self.assertTrue(self.cur(self.root / ".Z.A.B")[0].endswith(":2,S"))
+        moved = await self.open("Z/A/B")
+        self.assertEqual(moved.messages[0].meta["subject"], "deep")
+        await self.refused(account.rename("Nope", "X"), "NONEXISTENT")
+        await self.refused(account.rename("Z", "Z/A/C"), "CANNOT")
+        await self.refused(account.rename("Sent", "Trash"), "ALREADYEXISTS")
+        await self.refused(account.rename("Sent", "INBOX"), "ALREADYEXISTS")
+
+
+class MaildropTests(StoreCase):
+    async def test_exclusive_until_closed(self) -> None:
+        account = await self.account()
+        drop = await account.open_maildrop()
+        await self.assertFailure(account.open_maildrop(), MaildropLocked)
+        other = await self.account(self.new_store())  # another store is another process: not ours
+        (await other.open_maildrop()).close()
+        imap = await account.open("INBOX")  # IMAP may still open the INBOX
+        imap.close()
+        drop.close()
+        (await account.open_maildrop()).close()
+
+
+class AppendTests(StoreCase):
+    async def test_durable_when_fired(self) -> None:
+        """When APPEND answers, the file is in cur/ with its flags, and its UID is in the uidlist."""
+        account = await self.account()
+        uidvalidity, uid = await account.append(
+            "Drafts", message("draft", lf=b"\r\n"), ["\\Draft"], 1500000000
+        )
+        drafts = self.root / ".Drafts"
+        (name,) = self.cur(drafts)
+        self.assertTrue(name.endswith(":2,D"))
+        self.assertEqual((drafts / "cur" / name).read_bytes(), message("draft", lf=b"\r\n"))
+        self.assertEqual((drafts / "cur" / name).stat().st_mtime, 1500000000)
+        self.assertEqual(os.listdir(drafts / "tmp"), [])
+        self.assertIn(f"{uid} {name.split(':')[0]}\n".encode(), (drafts / UIDLIST).read_bytes())
+        self.assertTrue((drafts / UIDLIST).read_bytes().startswith(f"V{uidvalidity} ".encode()))
+        await self.refused(account.append("Nope", b"x"), "TRYCREATE")
+
+    async def test_concurrent_appends_get_distinct_uids(self) -> None:
+        account = await self.account()
+        view = await self.open()
+        results = [await d for d in [account.append("INBOX", message(str(i))) for i in range(30)]]
+        self.assertEqual([uid for _, uid in results], list(range(1, 31)))
+        self.assertEqual([m.uid for m in view.sync().added], list(range(1, 31)))
+
+
+class ScaleTests(StoreCase):
+    timeout = 600
+
+    async def test_open_20000(self) -> None:
+        """A 20,000-message folder: first open (analyses every file), cold open with the cache,
+        warm re-open, and an append rate.  Timings are printed, not asserted."""
+        count = 20_000
+        account = await self.account()
+        body = message("bulk", "x" * 3000 + "\n")
+        for i in range(count):
+            name = f"{1700000000 + i}.M0P1Q{i}Rbeef.mx.test,S={len(body)}:2,S"
+            (self.root / "cur" / name).write_bytes(body)
+        stalls = ReactorStalls()
+        started = time.perf_counter()
+        view = await account.open("INBOX")
+        first = time.perf_counter() - started
+        stall = stalls.stop()
+        self.assertLess(stall, first / 2)  # the reading happened off the reactor thread
+        self.assertEqual(len(view.messages), count)
+        self.assertEqual(view.messages[-1].uid, count)
+        view.close()
+
+        cold = await self.new_store().account(ADDRESS)
+        started = time.perf_counter()
+        view = await cold.open("INBOX")
+        cached = time.perf_counter() - started
+        self.assertEqual([m.uid for m in view.messages], list(range(1, count + 1)))
+        view.close()
+        started = time.perf_counter()
+        view = await cold.open("INBOX")
+        warm = time.perf_counter() - started
+        self.addCleanup(view.close)
+
+        started = time.perf_counter()
+        for i in range(100):
+            await cold.append("INBOX", message(f"more {i}"))
+        rate = 100 / (time.perf_counter() - started)
+        self.assertEqual(len(view.sync().added), 100)
+        print(
+            f"\n20k folder: first open {first * 1000:.0f} ms (longest reactor stall {stall * 1000:.0f} ms),"
+            f" open from cache {cached * 1000:.0f} ms, warm re-open {warm * 1000:.1f} ms, append {rate:.0f}/s"
+        )
+
+
+class ReactorStalls:
+    """The longest gap between ticks of a 5 ms LoopingCall: how long the reactor was kept busy."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._last = time.perf_counter()
+        self._loop = LoopingCall(self._tick)
+        self._loop.start(0.005)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self._last)
+        self._last = now
+
+    def stop(self) -> float:
+        self._loop.stop()
+        return self.longest

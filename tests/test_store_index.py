@@ -1,0 +1,161 @@
+"""The folder index's pure parts: wire form, flags in names, the uidlist format, lazy meta."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import TestCase
+
+from kms.store.index import (
+    LazyMeta,
+    UidValidities,
+    delivery_order,
+    header_section,
+    message_flags,
+    name_with_flags,
+    normalize_flags,
+    parse_uidlist,
+    split_name,
+    uidlist_header,
+    uidlist_lines,
+    wire_form,
+    wire_size,
+)
+
+
+class WireFormTests(TestCase):
+    def test_examples(self) -> None:
+        cases = {
+            b"": b"",
+            b"a\nb\n": b"a\r\nb\r\n",
+            b"a\r\nb\n": b"a\r\nb\r\n",
+            b"a\rb\n": b"a\rb\r\n",  # a lone CR is left alone
+            b"\n\n": b"\r\n\r\n",
+            b"a\r\r\n": b"a\r\r\n",
+        }
+        for raw, wire in cases.items():
+            self.assertEqual(wire_form(raw), wire, raw)
+            self.assertEqual(wire_size(raw), len(wire), raw)
+
+    @given(st.binary(max_size=200))
+    def test_size_and_idempotence(self, raw: bytes) -> None:
+        wire = wire_form(raw)
+        self.assertEqual(wire_size(raw), len(wire))
+        self.assertEqual(wire_form(wire), wire)
+        self.assertNotRegex(wire, rb"(?<!\r)\n")
+
+    def test_header_section(self) -> None:
+        self.assertEqual(header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\n"), b"A: 1\r\nB: 2\r\n\r\n")
+        self.assertEqual(header_section(b"\r\nbody"), b"\r\n")
+        self.assertEqual(header_section(b"A: 1\r\n"), b"A: 1\r\n")  # no body at all
+
+
+class FlagNameTests(TestCase):
+    def test_split(self) -> None:
+        self.assertEqual(split_name("123.M4P5.host,S=10:2,FS"), ("123.M4P5.host,S=10", "FS"))
+        self.assertEqual(split_name("123.M4P5.host,S=10"), ("123.M4P5.host,S=10", ""))
+
+    def test_letters_in_ascii_order_unknown_kept(self) -> None:
+        flags = {"\\Seen", "\\Draft", "\\Deleted", "\\Answered", "\\Flagged", "work"}
+        self.assertEqual(name_with_flags("x,S=1", flags), "x,S=1:2,DFRST")
+        self.assertEqual(name_with_flags("x,S=1:2,PS", {"\\Flagged"}), "x,S=1:2,FP")
+        self.assertEqual(name_with_flags("x,S=1:2,S", ()), "x,S=1:2,")
+
+    def test_delivery_order(self) -> None:
+        """Names sort by the numbers they carry, not as strings (M99 was made before M100)."""
+        names = [
+            "1700000001.M5P1Q1R0.h,S=1",
+            "1700000000.M100P1Q2R0.h,S=1",
+            "1700000000.M99P1Q10R0.h,S=1",
+            "1700000000.M99P1Q9R0.h,S=1",
+            "odd-name",
+            "1700000000.P7Q3.h",
+        ]
+        self.assertEqual(
+            sorted(names, key=delivery_order),
+            [
+                "odd-name",
+                "1700000000.P7Q3.h",
+                "1700000000.M99P1Q9R0.h,S=1",
+                "1700000000.M99P1Q10R0.h,S=1",
+                "1700000000.M100P1Q2R0.h,S=1",
+                "1700000001.M5P1Q1R0.h,S=1",
+            ],
+        )
+
+    def test_message_flags(self) -> None:
+        self.assertEqual(message_flags("x:2,PRS", "$Junk work"), {"\\Answered", "\\Seen", "$Junk", "work"})
+        self.assertEqual(message_flags("x", ""), frozenset())
+
+    def test_normalize(self) -> None:
+        self.assertEqual(
+            normalize_flags(["\\seen", "\\RECENT", "\\Bogus", "$Label1", "", "two words", "\\DELETED"]),
+            {"\\Seen", "\\Deleted", "$Label1"},
+        )
+        self.assertIs(normalize_flags(["\\Seen"]), normalize_flags(["\\seen"]))  # shared objects
+
+
+class UidListTests(TestCase):
+    def test_round_trip(self) -> None:
+        data = uidlist_header(1700000000, 5) + uidlist_lines([(1, "a,S=1"), (3, "b,S=2")])
+        parsed = parse_uidlist(data)
+        assert parsed is not None
+        self.assertEqual((parsed.uidvalidity, parsed.uidnext), (1700000000, 5))
+        self.assertEqual(parsed.uids, {"a,S=1": 1, "b,S=2": 3})
+        self.assertEqual(parsed.length, len(data))
+
+    def test_uidnext_is_past_the_last_line(self) -> None:
+        parsed = parse_uidlist(b"V7 N1\n1 a\n9 b\n")
+        assert parsed is not None
+        self.assertEqual(parsed.uidnext, 10)
+
+    def test_torn_tail_ignored(self) -> None:
+        parsed = parse_uidlist(b"V7 N1\n1 a\n2 b")
+        assert parsed is not None
+        self.assertEqual(parsed.uids, {"a": 1})
+        self.assertEqual(parsed.length, len(b"V7 N1\n1 a\n"))
+
+    def test_from_an_offset(self) -> None:
+        """Only the lines after the cache's absorbed mark are parsed; UID order still checked."""
+        head = b"V7 N1\n1 a\n5 b\n"
+        parsed = parse_uidlist(head + b"6 c\n", len(head))
+        assert parsed is not None
+        self.assertEqual((parsed.uids, parsed.uidnext, parsed.lines), ({"c": 6}, 7, 3))
+        parsed = parse_uidlist(head, len(head))
+        assert parsed is not None
+        self.assertEqual((parsed.uids, parsed.uidnext), ({}, 6))
+        self.assertIsNone(parse_uidlist(head + b"4 c\n", len(head)))
+        self.assertIsNone(parse_uidlist(head, len(head) - 1))  # not a line start
+        self.assertIsNone(parse_uidlist(head, len(head) + 1))
+
+    def test_unusable(self) -> None:
+        for data in [
+            b"",
+            b"garbage\n",
+            b"V0 N1\n",
+            b"V7 N1\n2 a\n1 b\n",  # not increasing
+            b"V7 N1\n1 a\n1 b\n",
+            b"V7 N1\nx a\n",
+            b"V7 N1\n1 \n",
+            b"V7 N1\n1 a b\n",
+            b"V7 N1\n-1 a\n",
+            b"V99999999999 N1\n",
+        ]:
+            self.assertIsNone(parse_uidlist(data), data)
+
+
+class LazyMetaTests(TestCase):
+    def test_mapping(self) -> None:
+        meta = LazyMeta('{"subject": "hi", "n": [1, 2]}')
+        self.assertEqual(meta["subject"], "hi")
+        self.assertEqual(dict(meta), {"subject": "hi", "n": [1, 2]})
+        self.assertEqual(len(meta), 2)
+        self.assertEqual(LazyMeta("[1]"), {})
+        self.assertEqual(LazyMeta("{broken"), {})
+
+
+class UidValidityTests(TestCase):
+    def test_strictly_increasing_even_within_a_second(self) -> None:
+        fresh = UidValidities(clock=lambda: 1700000000.5)
+        self.assertEqual([fresh(), fresh(), fresh(above=1800000000)], [1700000000, 1700000001, 1800000001])
+        self.assertEqual(fresh(above=2**32), 1700000000)  # nonsense hints are ignored
