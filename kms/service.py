@@ -1,8 +1,9 @@
 """Config in, a running server out: the one place that knows how the parts are wired together.
 
 `build_service` turns a validated `Config` into a `MultiService`: the store on disk, the logs, the
-thread pools (one for the user database and password hashing, one set of maildir writer threads),
-the cred portal, and one endpoint service per configured SMTP listener.  Each part is a small
+thread pools (one for the user database and password hashing, one set of maildir writer threads,
+one for the mailbox store), the cred portal, and one endpoint service per configured listener
+(SMTP, submission, SMTPS, POP3(S), IMAP(S)).  Each part is a small
 service so ``twistd`` starts and stops them in order.
 """
 
@@ -17,6 +18,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -29,9 +31,13 @@ from kms.auth.sasl import SASLEngine
 from kms.auth.session import LoginSession
 from kms.clientinfo import ClientInfo
 from kms.config import IMPLICIT_TLS_LISTENERS, Config
+from kms.imap.message import analyze
+from kms.imap.server import IMAPFactory, IMAPSettings
 from kms.logs import Logs
+from kms.pop3.server import POP3Factory, POP3Settings
 from kms.smtp.delivery import LocalDelivery, RecipientResolver, RelayRules
 from kms.smtp.server import SMTPFactory, SMTPSettings
+from kms.store.mailbox import MailStore
 from kms.store.maildir import MaildirWriter
 from kms.store.users import UserDB
 from kms.tls import server_context_factory
@@ -124,6 +130,14 @@ class _ListenerService(StreamServerEndpointService):
         return port
 
 
+def _listen(
+    top: MultiService, reactor: Any, name: str, description: str, factory: Factory, implicit_tls: Any
+) -> None:
+    """One listener; ``implicit_tls`` (a context) wraps the factory in TLS from the first byte."""
+    wrapped = TLSMemoryBIOFactory(implicit_tls, False, factory) if implicit_tls is not None else factory
+    _ListenerService(name, description, serverFromString(reactor, description), wrapped).setServiceParent(top)
+
+
 def build_service(cfg: Config, reactor: Any) -> MultiService:
     """Assemble every part of the server for ``cfg``; nothing listens until the service starts.
 
@@ -149,6 +163,11 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
 
     writer = MaildirWriter(reactor)
     _Stoppable("maildir-writer", writer.start, writer.stop).setServiceParent(top)
+    store_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-store")
+    _Stoppable("store-pool", store_pool.start, store_pool.stop).setServiceParent(top)
+    mail_store = MailStore(paths.mail, store_pool, reactor, analyze)
+    # Added after the pool, so it stops first: pending index writes finish while the pool still runs.
+    _Stoppable("mail-store", lambda: None, mail_store.close).setServiceParent(top)
 
     backend = LocalDelivery(
         hostname=cfg.server.hostname,
@@ -163,6 +182,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         hide_version=cfg.misc.hide_version,
         hide_local_ip=cfg.misc.hide_local_ip,
         x_envelope_to=cfg.misc.x_envelope_to,
+        on_delivered=mail_store.delivered,
     )
 
     def session_factory(client: ClientInfo) -> LoginSession:
@@ -189,11 +209,34 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             command_timeout=cfg.smtp.command_timeout,
             data_timeout=cfg.smtp.data_timeout,
         )
-        factory = SMTPFactory(
-            settings, backend, session_factory, None if implicit else tls_context, clock=reactor, logs=logs
-        )
-        wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
-        endpoint = serverFromString(reactor, cfg.listeners[name])
-        _ListenerService(name, cfg.listeners[name], endpoint, wrapped).setServiceParent(top)
+        starttls = None if implicit else tls_context
+        factory: Factory = SMTPFactory(settings, backend, session_factory, starttls, clock=reactor, logs=logs)
+        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None)
+
+    product = None if cfg.misc.hide_version else f"kms {__version__}"
+    for name in ("pop3", "pop3s", "imap", "imaps"):
+        if name not in cfg.listeners:
+            continue
+        implicit = name in IMPLICIT_TLS_LISTENERS
+        starttls = None if implicit else tls_context
+        if name.startswith("pop3"):
+            pop3 = POP3Settings(
+                hostname=cfg.server.hostname, listener=name, implicit_tls=implicit, banner_product=product
+            )
+            factory = POP3Factory(
+                pop3, mail_store.account, session_factory, starttls, clock=reactor, logs=logs
+            )
+        else:
+            imap = IMAPSettings(
+                hostname=cfg.server.hostname,
+                listener=name,
+                implicit_tls=implicit,
+                hide_version=cfg.misc.hide_version,
+                append_limit=cfg.smtp.max_message_size,
+            )
+            factory = IMAPFactory(
+                imap, mail_store.account, session_factory, starttls, clock=reactor, logs=logs
+            )
+        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None)
 
     return top
