@@ -7,6 +7,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from kms.config import (
+    LISTENER_NAMES,
     ConfigError,
     config_warnings,
     load_config,
@@ -65,7 +66,7 @@ class LoadConfigTests(TestCase):
         cfg = load_config(SAMPLE)
         self.assertEqual(cfg.store.path, (SAMPLE.parent / "../var/store").resolve())
         self.assertEqual(cfg.smtp.max_message_size, 50_000_000)
-        self.assertEqual(set(cfg.listeners), {"smtp", "submission", "smtps"})
+        self.assertEqual(set(cfg.listeners), set(LISTENER_NAMES))
         self.assertTrue(cfg.group("local").contains("127.0.0.1"))
         self.assertFalse(cfg.group("").contains("127.0.0.1"))
         self.assertEqual(config_warnings(cfg), [])
