@@ -8,6 +8,7 @@ limits, sequence sets resolve like a naive expansion, and LIST patterns match li
 
 from __future__ import annotations
 
+import datetime
 import re
 
 from hypothesis import given, settings
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from kms.imap.parser import (
+    SEARCH_CHARSETS,
     STAR,
     Arguments,
     Atom,
+    BadCharset,
     BodyFetch,
     Command,
     CommandReader,
@@ -32,6 +35,7 @@ from kms.imap.parser import (
     list_matcher,
     mailbox_name,
     number,
+    parse_date,
     parse_date_time,
     parse_fetch_items,
     parse_flag,
@@ -322,6 +326,26 @@ class TokenizeTests(TestCase):
         self.assertEqual(tokens_of(b"a LOGIN \0 \0", b"bob", b"pw"), ["a", "LOGIN", b"bob", b"pw"])
         self.assertEqual(tokens_of(b"a X (\0 b)", b"lit"), ["a", "X", [b"lit", "b"]])
 
+    def test_literals_inside_brackets(self) -> None:
+        """A header field name may be a literal (RFC 3501 header-fld-name is an astring): the
+        bracketed part goes on after it, with the name as a quoted string."""
+        self.assertEqual(
+            tokens_of(b"a FETCH 1 (BODY[HEADER.FIELDS (\0 To)] UID)", b"From"),
+            ["a", "FETCH", "1", ['BODY[HEADER.FIELDS ("From" To)]', "UID"]],
+        )
+        self.assertEqual(
+            tokens_of(b"a FETCH 1 BODY.PEEK[HEADER.FIELDS (\0 \0)]<0.5>", b"X-A", b'X"\\'),
+            ["a", "FETCH", "1", 'BODY.PEEK[HEADER.FIELDS ("X-A" "X\\"\\\\")]<0.5>'],
+        )
+        for literal in [b"A B", b"A:B", b"A]", b"", b"\xc3\xa9", b"A\r\nB"]:
+            with self.subTest(literal=literal):
+                self.assertRaises(ParseError, tokens_of, b"a FETCH 1 BODY[HEADER.FIELDS (\0)]", literal)
+        # An unclosed "[" with no literal after it is still an error; brackets elsewhere are not changed.
+        self.assertRaises(ParseError, tokens_of, b"a FETCH 1 BODY[HEADER.FIELDS (\0) BODY[", b"A")
+        self.assertEqual(
+            tokens_of(b'a SEARCH SUBJECT "[" \0', b"x y"), ["a", "SEARCH", "SUBJECT", "[", b"x y"]
+        )
+
     def test_errors(self) -> None:
         for line in [
             b"a X (1",
@@ -380,6 +404,10 @@ class ArgumentsTests(TestCase):
         self.assertEqual(number("0", "n", nonzero=False), 0)
         for text in ["0", "-1", "4294967296", "99999999999", "1e3", "", "١"]:
             self.assertRaises(ParseError, number, text, "n")
+        self.assertEqual(number("4294967296", "n", maximum=2**63 - 1), 2**32)
+        self.assertEqual(number("9223372036854775807", "n", maximum=2**63 - 1), 2**63 - 1)
+        for text in ["9223372036854775808", "1" * 20, "0" * 30 + "1"]:
+            self.assertRaises(ParseError, number, text, "n", maximum=2**63 - 1)
 
 
 # --- sequence sets -------------------------------------------------------------------------------
@@ -433,8 +461,8 @@ class SequenceSetTests(TestCase):
 # --- FETCH, STORE, flags, dates ------------------------------------------------------------------
 
 
-def fetch(text: bytes) -> list[FetchItem]:
-    return parse_fetch_items(Arguments(tokens_of(text)))
+def fetch(text: bytes, *literals: bytes) -> list[FetchItem]:
+    return parse_fetch_items(Arguments(tokens_of(text, *literals)))
 
 
 class FetchItemTests(TestCase):
@@ -461,6 +489,10 @@ class FetchItemTests(TestCase):
         self.assertEqual(fetch(b"BODY[3.MIME]"), [BodyFetch(Section((3,), "MIME"), peek=False)])
         self.assertEqual(fetch(b"BODY[2.TEXT]"), [BodyFetch(Section((2,), "TEXT"), peek=False)])
         self.assertEqual(fetch(b"BODY[1]"), [BodyFetch(Section((1,), ""), peek=False)])
+        self.assertEqual(
+            fetch(b"(BODY.PEEK[1.HEADER.FIELDS.NOT (\0 X-B)])", b"X-A"),
+            [BodyFetch(Section((1,), "HEADER.FIELDS.NOT", ("X-A", "X-B")), peek=True)],
+        )
 
     def test_rfc822_forms(self) -> None:
         rfc822, header, text = fetch(b"(RFC822 RFC822.HEADER RFC822.TEXT)")
@@ -534,6 +566,12 @@ class StoreAndFlagTests(TestCase):
         ]:
             self.assertRaises(ParseError, parse_date_time, text)
 
+    def test_date(self) -> None:
+        self.assertEqual(parse_date("1-Feb-1994"), datetime.date(1994, 2, 1))
+        self.assertEqual(parse_date("09-sep-2001"), datetime.date(2001, 9, 9))
+        for text in ["", "31-Feb-2024", "1-Foo-2024", "1-Feb-24", "١-Feb-2024", "1-Feb-0000", "001-Feb-2024"]:
+            self.assertRaises(ParseError, parse_date, text)
+
 
 # --- LIST patterns -------------------------------------------------------------------------------
 
@@ -589,14 +627,19 @@ class SearchTokenTests(TestCase):
         )
 
     def test_charset(self) -> None:
+        self.assertEqual(search_tokens(tokens_of(b"charset us-ascii ALL")), ["ALL"])
         self.assertEqual(
-            search_tokens(tokens_of(b'CHARSET ISO-8859-1 SUBJECT "caf\xe9" BODY \0', b"\xfc")),
+            search_tokens(tokens_of(b'CHARSET "utf-8" SUBJECT "caf\xc3\xa9" BODY \0', "ü".encode())),
             ["SUBJECT", "café", "BODY", "ü"],
         )
-        self.assertEqual(search_tokens(tokens_of(b"charset us-ascii ALL")), ["ALL"])
 
     def test_refused(self) -> None:
-        self.assertRaises(LookupError, search_tokens, tokens_of(b"CHARSET KLINGON ALL"))
-        self.assertRaises(LookupError, search_tokens, tokens_of(b"CHARSET base64 ALL"))
+        """Only US-ASCII and UTF-8 (what BADCHARSET lists); text they cannot decode is a BAD."""
+        self.assertEqual(list(SEARCH_CHARSETS), ["UTF-8", "US-ASCII"])
+        for charset in [b"ISO-8859-1", b"KLINGON", b"base64", b"UTF8", b"utf-16"]:
+            with self.subTest(charset=charset):
+                self.assertRaises(BadCharset, search_tokens, tokens_of(b"CHARSET " + charset + b" ALL"))
+        self.assertRaises(ParseError, search_tokens, tokens_of(b"CHARSET (UTF-8) ALL"))
         self.assertRaises(ParseError, search_tokens, tokens_of(b'CHARSET US-ASCII SUBJECT "caf\xc3\xa9"'))
+        self.assertRaises(ParseError, search_tokens, tokens_of(b"CHARSET US-ASCII SUBJECT \0", b"\xc3\xa9"))
         self.assertRaises(ParseError, search_tokens, tokens_of(b'SUBJECT "\xff"'))

@@ -29,10 +29,10 @@ from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure
 from kms.auth.sasl import Authenticated, SASLEngine, plaintext_login
 from kms.clientinfo import ClientInfo
 from kms.imap.message import analyze
-from kms.imap.parser import MAX_LINE
-from kms.imap.sections import header_section
-from kms.imap.server import IMAPFactory, IMAPServer, IMAPSettings
+from kms.imap.parser import MAX_LINE, list_matcher
+from kms.imap.server import IMAPFactory, IMAPServer, IMAPSettings, list_selection
 from kms.store.interfaces import FolderEvent, FolderListing, FolderStatus, MailboxError, MessageInfo
+from kms.wireform import header_section
 
 HOST = "imap.example.test"
 CONTEXT = object()  # stands in for an IOpenSSLServerConnectionCreator
@@ -64,6 +64,12 @@ def mail(
         f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
         f"Date: Tue, 1 Feb 2022 10:00:00 +0000\r\nMessage-ID: <{subject}@example.test>\r\n\r\n{body}\r\n"
     ).encode()
+
+
+def flags_lines(keyword: str) -> bytes:
+    """FLAGS and PERMANENTFLAGS of a read-write session that knows one keyword."""
+    flags = b"\\Seen \\Answered \\Flagged \\Deleted \\Draft " + keyword.encode()
+    return b"* FLAGS (%b)\r\n* OK [PERMANENTFLAGS (%b \\*)] Flags permitted\r\n" % (flags, flags)
 
 
 # --- the store double ----------------------------------------------------------------------------
@@ -127,19 +133,20 @@ class FakeView:
         self.listener = listener
 
     def sync(self) -> FolderEvent:
+        """As the store's: ``added`` are new to the snapshot, ``expunged`` were in it (ascending)."""
         pending, self.pending = self.pending, []
         self.uidnext = self.folder.uidnext
-        added = [info for event in pending for info in event.added]
+        snapshot = {m.uid for m in self.messages}
         gone = {uid for event in pending for uid in event.expunged}
         changed = {info.uid: info for event in pending for info in event.flags}
-        self.messages = [changed.get(m.uid, m) for m in self.messages if m.uid not in gone]
-        self.messages += [changed.get(m.uid, m) for m in added if m.uid not in gone]
+        added = [changed.get(m.uid, m) for event in pending for m in event.added if m.uid not in gone]
+        self.messages = [changed.get(m.uid, m) for m in self.messages if m.uid not in gone] + added
         taken = {m.uid for m in added} & self.folder.recent
         self.recent = (self.recent - gone) | taken
         if not self.readonly:
             self.folder.recent -= taken
-        known = {m.uid for m in self.messages}
-        return FolderEvent(added, sorted(gone), [info for uid, info in changed.items() if uid in known])
+        flags = [info for uid, info in changed.items() if uid in snapshot - gone]
+        return FolderEvent(added, sorted(gone & snapshot), flags)
 
     def refresh(self) -> Deferred[None]:
         self.refreshes += 1
@@ -807,6 +814,31 @@ class MailboxTests(IMAPTestCase):
             [b'* LSUB (\\HasNoChildren \\Sent) "/" "Sent"', b"l OK LSUB completed"],
         )
 
+    def test_lsub_noselect_parents_only_for_percent(self) -> None:
+        """RFC 3501 §6.3.9: "a/b" subscribed, "a" no folder: "%" stops at "a" and must list it
+        \\Noselect; "*" reaches "a/b" itself and must not list "a"."""
+        conn = self.login()
+        self.assertEqual(
+            conn.lines(b'l LSUB "" *\r\n')[3:],
+            [
+                b'* LSUB (\\HasNoChildren) "/" "a/b"',
+                b'* LSUB (\\HasNoChildren) "/" "&AOk-t&AOk-"',
+                b"l OK LSUB completed",
+            ],
+        )
+        self.assertEqual(
+            conn.lines(b'l LSUB "" %\r\n')[3:],
+            [
+                b'* LSUB (\\HasChildren \\Noselect) "/" "a"',
+                b'* LSUB (\\HasNoChildren) "/" "&AOk-t&AOk-"',
+                b"l OK LSUB completed",
+            ],
+        )
+        self.assertEqual(
+            conn.lines(b"l LSUB a/ %\r\n"), [b'* LSUB (\\HasNoChildren) "/" "a/b"', b"l OK LSUB completed"]
+        )
+        self.assertEqual(conn.lines(b'l LSUB "" a\r\n'), [b"l OK LSUB completed"])  # no "%" hid anything
+
     def test_create_delete_rename(self) -> None:
         conn = self.login()
         self.assertEqual(conn.send(b"c CREATE &AOk-x/\r\n"), b"c OK CREATE completed\r\n")
@@ -887,6 +919,44 @@ class MailboxTests(IMAPTestCase):
 
 
 # --- selected state ------------------------------------------------------------------------------
+
+
+class ListSelectionTests(TestCase):
+    """`list_selection`, the pure part of LIST and LSUB, on what the real store lists."""
+
+    FOLDERS = [
+        FolderListing("INBOX", frozenset({"\\HasNoChildren"}), True),
+        FolderListing("a", frozenset({"\\HasChildren", "\\Noselect"}), False),  # implied by a/b/c
+        FolderListing("a/b", frozenset({"\\HasChildren"}), False),
+        FolderListing("a/b/c", frozenset({"\\HasNoChildren"}), True),
+        FolderListing("Gone", frozenset({"\\NonExistent", "\\HasNoChildren"}), True),  # deleted, subscribed
+        FolderListing("x/Gone", frozenset({"\\NonExistent", "\\HasNoChildren"}), True),
+    ]
+
+    def select(self, pattern: str, lsub: bool) -> list[str]:
+        wide = list_matcher("", pattern.replace("%", "*")) if lsub else None
+        return [f.name for f in list_selection(self.FOLDERS, list_matcher("", pattern), wide)]
+
+    def test_list(self) -> None:
+        """Existing folders only: a subscribed name that is no folder is LSUB's business."""
+        self.assertEqual(self.select("*", lsub=False), ["INBOX", "a", "a/b", "a/b/c"])
+        self.assertEqual(self.select("%", lsub=False), ["INBOX", "a"])
+
+    def test_lsub(self) -> None:
+        cases = {
+            "*": ["INBOX", "Gone", "a/b/c", "x/Gone"],
+            "%": ["INBOX", "Gone", "a", "x"],
+            "a/%": ["a/b"],
+            "a/%/%": ["a/b/c"],
+            "a/*": ["a/b/c"],
+            "a": [],
+            "%/Gone": ["x/Gone"],
+        }
+        for pattern, names in cases.items():
+            with self.subTest(pattern=pattern):
+                self.assertEqual(self.select(pattern, lsub=True), names)
+        implied = list_selection(self.FOLDERS, list_matcher("", "%"), list_matcher("", "*"))[2]
+        self.assertEqual(implied, FolderListing("a", frozenset({"\\HasChildren", "\\Noselect"}), False))
 
 
 class SelectTests(IMAPTestCase):
@@ -1052,6 +1122,22 @@ class FetchTests(IMAPTestCase):
             b"* 1 FETCH (BODY[]<5000> {0}\r\n)\r\nf OK FETCH completed\r\n",
         )
 
+    def test_header_field_name_as_a_literal(self) -> None:
+        """header-fld-name is an astring: a literal inside BODY[HEADER.FIELDS (...)] is accepted."""
+        conn = self.selected()
+        self.assertEqual(
+            conn.send(b"f FETCH 2 (BODY.PEEK[HEADER.FIELDS ({7}\r\n"), b"+ Ready for literal data\r\n"
+        )
+        self.assertEqual(
+            conn.send(b"Subject)] UID)\r\n"),
+            b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {16}\r\nSubject: two\r\n\r\n)\r\n"
+            b"f OK FETCH completed\r\n",
+        )
+        self.assertEqual(
+            conn.send(b"f FETCH 2 BODY.PEEK[HEADER.FIELDS ({3+}\r\nA B)]\r\n"),
+            b"f BAD Invalid header field name\r\n",  # found while reading the tokens
+        )
+
     def test_header_fields_from_the_cache(self) -> None:
         conn = self.selected()
         self.assertEqual(
@@ -1143,7 +1229,8 @@ class StoreTests(IMAPTestCase):
         conn = self.selected()
         self.assertEqual(
             conn.send(b"s STORE 1:2 +FLAGS (\\Flagged $Work)\r\n"),
-            b"* 1 FETCH (FLAGS ($Work \\Flagged))\r\n* 2 FETCH (FLAGS ($Work \\Flagged))\r\n"
+            flags_lines("$Work")
+            + b"* 1 FETCH (FLAGS ($Work \\Flagged))\r\n* 2 FETCH (FLAGS ($Work \\Flagged))\r\n"
             b"s OK STORE completed\r\n",
         )
         self.assertEqual(
@@ -1153,6 +1240,45 @@ class StoreTests(IMAPTestCase):
         self.assertEqual(conn.send(b"s STORE 3 FLAGS.SILENT (\\Seen)\r\n"), b"s OK STORE completed\r\n")
         self.assertEqual(
             [m.flags for m in self.inbox.messages], [{"\\Flagged", "$Work"}, {"\\Flagged"}, {"\\Seen"}]
+        )
+
+    def test_new_keyword_from_another_session(self) -> None:
+        """A keyword new to the folder: FLAGS and PERMANENTFLAGS with it, before the FETCH showing it."""
+        conn = self.selected()
+        other = self.selected()
+        other.send(b"s STORE 2 +FLAGS.SILENT ($Junk)\r\n")
+        self.assertEqual(
+            conn.send(b"n NOOP\r\n"),
+            flags_lines("$Junk") + b"* 2 FETCH (UID 2 FLAGS ($Junk))\r\nn OK NOOP completed\r\n",
+        )
+        other.send(b"s STORE 3 +FLAGS.SILENT ($Junk)\r\n")  # known by now: no second FLAGS
+        self.assertEqual(
+            conn.send(b"n NOOP\r\n"), b"* 3 FETCH (UID 3 FLAGS ($Junk))\r\nn OK NOOP completed\r\n"
+        )
+        self.assertEqual(
+            conn.send(b"s STORE 1 -FLAGS ($Junk $Other)\r\n"),
+            b"* 1 FETCH (FLAGS ())\r\ns OK STORE completed\r\n",
+        )
+
+    def test_new_keyword_in_new_message_and_read_only(self) -> None:
+        """A message arriving with a new keyword; a read-only session hears of it too, still with
+        no permanent flags."""
+        conn = self.login()
+        conn.send(b"e EXAMINE INBOX\r\n")
+        self.inbox.add(mail("new"), ["$Label1", "\\Seen"])
+        self.assertEqual(
+            conn.send(b"n NOOP\r\n"),
+            b"* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $Label1)\r\n"
+            b"* OK [PERMANENTFLAGS ()] Flags permitted\r\n* 4 EXISTS\r\nn OK NOOP completed\r\n",
+        )
+
+    def test_new_keyword_while_idling(self) -> None:
+        conn = self.selected()
+        conn.send(b"i IDLE\r\n")
+        self.selected().send(b"s STORE 1 +FLAGS.SILENT (\\Seen work)\r\n")
+        self.assertEqual(
+            conn.take(),
+            flags_lines("work") + b"* 1 FETCH (UID 1 FLAGS (\\Seen work))\r\n",
         )
 
     def test_long_uid_store(self) -> None:
@@ -1206,10 +1332,6 @@ class SearchTests(IMAPTestCase):
             conn.send(b's SEARCH OR SUBJECT pears HEADER Subject "APPLES"\r\n'),
             b"* SEARCH 1 2\r\ns OK SEARCH completed\r\n",
         )
-        self.assertEqual(
-            conn.send(b's SEARCH CHARSET ISO-8859-1 FROM "J\xfcrgen"\r\n'),
-            b"* SEARCH 3\r\ns OK SEARCH completed\r\n",
-        )
 
     def test_body_search_reads_messages(self) -> None:
         conn = self.selected()
@@ -1220,11 +1342,15 @@ class SearchTests(IMAPTestCase):
 
     def test_search_refusals(self) -> None:
         conn = self.selected()
+        for charset in (b"KLINGON", b"ISO-8859-1"):  # one rule, in the parser: US-ASCII and UTF-8 only
+            self.assertEqual(
+                conn.send(b's SEARCH CHARSET %b FROM "J\xfcrgen"\r\n' % charset),
+                b"s NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset\r\n",
+            )
         self.assertEqual(
-            conn.send(b"s SEARCH CHARSET KLINGON ALL\r\n"),
-            b"s NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset\r\n",
+            conn.send(b"s SEARCH CHARSET us-ascii FROM bob\r\n"), b"* SEARCH 2\r\ns OK SEARCH completed\r\n"
         )
-        self.assertEqual(conn.send(b"s SEARCH BOGUS\r\n"), b"s BAD SEARCH: unknown search key BOGUS\r\n")
+        self.assertEqual(conn.send(b"s SEARCH BOGUS\r\n"), b"s BAD SEARCH: Unknown search key BOGUS\r\n")
 
 
 class ExpungeTests(IMAPTestCase):
@@ -1246,6 +1372,31 @@ class ExpungeTests(IMAPTestCase):
         self.assertEqual(
             conn.send(b"f FETCH 1:* UID\r\n"),
             b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 4)\r\nf OK FETCH completed\r\n",
+        )
+
+    def test_many_expunges_at_once(self) -> None:
+        """More than a few removals take the other path through `delete_positions`: the sequence
+        numbers must come out the same."""
+        self.fill(95)  # 100 messages; UIDs 2, 3, 5 and every one from 10 on that is even go
+        for index in range(9, 100, 2):
+            self.inbox.messages[index] = dataclasses.replace(
+                self.inbox.messages[index], flags=frozenset({"\\Deleted"})
+            )
+        gone = [2, 3, 5, *range(10, 101, 2)]
+        expected = [uid - removed for removed, uid in enumerate(gone)]
+        conn = self.selected()
+        self.assertEqual(
+            conn.lines(b"x EXPUNGE\r\n"),
+            [b"* %d EXPUNGE" % seq for seq in expected] + [b"x OK EXPUNGE completed"],
+        )
+        kept = [uid for uid in range(1, 101) if uid not in gone]
+        self.assertEqual(
+            conn.send(b"s UID SEARCH ALL\r\n"),
+            b"* SEARCH %b\r\ns OK SEARCH completed\r\n" % " ".join(map(str, kept)).encode(),
+        )
+        self.assertEqual(
+            conn.send(b"f FETCH %d UID\r\n" % len(kept)),
+            b"* %d FETCH (UID 99)\r\nf OK FETCH completed\r\n" % len(kept),
         )
 
     def test_uid_expunge(self) -> None:

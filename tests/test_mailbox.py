@@ -8,16 +8,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from kms.store.index import CACHE, UIDLIST, wire_form
-from kms.store.interfaces import Account, FolderEvent, FolderView, MailboxError, MaildropLocked, MessageInfo
-from kms.store.mailbox import MailStore, merge_events
+from kms.imap.sections import Section, fetch_section
+from kms.store.index import CACHE, UIDLIST
+from kms.store.interfaces import (
+    Account,
+    FolderEvent,
+    FolderStatus,
+    FolderView,
+    MailboxError,
+    MaildropLocked,
+    MessageInfo,
+)
+from kms.store.mailbox import MailStore, merge_events, positions_of
 from kms.store.maildir import mailbox_path, maildir_name
+from kms.wireform import wire_form
 
 reactor: Any = _reactor
 ADDRESS = "alice@example.test"
@@ -182,6 +194,79 @@ class AccountTests(StoreCase):
         status = await account.status("INBOX")
         self.assertEqual((status.messages, status.unseen, status.recent, status.uidnext), (3, 2, 3, 4))
         await self.refused(account.status("Nope"), "NONEXISTENT")
+
+
+class StatusTests(StoreCase):
+    """STATUS answers from counts kept up to date (a loaded folder) or from the cache and one
+    listdir (a folder that is not): either way without walking or loading every message."""
+
+    async def fill(self) -> Account:
+        account = await self.account()
+        await account.append("INBOX", message("a"), ["\\Seen"])
+        await account.append("INBOX", message("b"), ["\\Deleted", "work"])
+        await account.append("INBOX", message("c"), ["\\Seen", "\\Flagged"])
+        return account
+
+    def folder(self, store: MailStore) -> Any:
+        return store._folders.get(self.root)
+
+    async def status_of_a_fresh_process(self) -> tuple[FolderStatus, MailStore]:
+        store = self.new_store()
+        return await (await self.account(store)).status("INBOX"), store
+
+    async def test_counts_follow_every_change(self) -> None:
+        account = await self.fill()
+        view, other = await self.open(), await self.open()
+        folder = self.folder(self.store)
+
+        async def check() -> None:
+            messages = folder.messages
+            status = await account.status("INBOX")
+            self.assertEqual(status.unseen, sum("\\Seen" not in m.flags for m in messages))
+            self.assertEqual(status.messages, len(messages))
+            self.assertEqual(folder.doomed, {m.uid for m in messages if "\\Deleted" in m.flags})
+
+        await check()
+        await view.store([1, 2], ["\\Seen", "\\Deleted"], "+")
+        await check()
+        await other.store([1], ["\\Deleted"], "-")
+        await check()
+        await account.append("INBOX", message("d"), ["\\Deleted"])
+        deliver(self.root, message("e"))
+        await check()
+        self.assertEqual(await view.expunge([4, 1]), [4])  # 1 is no longer \\Deleted
+        await check()
+        self.assertEqual(await view.expunge(), [2])
+        await check()
+        await view.copy([1, 3], "INBOX")
+        await check()
+        self.assertEqual([m.uid for m in folder.messages], [1, 3, 5, 6, 7])
+
+    async def test_closed_folder_counted_without_loading(self) -> None:
+        await self.fill()
+        deliver(self.root, message("new, unseen"))
+        status, store = await self.status_of_a_fresh_process()
+        self.assertIsNone(self.folder(store))  # nothing was loaded, so nothing is kept
+        self.assertEqual((status.messages, status.unseen, status.recent, status.uidnext), (4, 2, 1, 5))
+        view = await self.open(store=store)  # what a SELECT then says agrees, UIDNEXT included
+        self.assertEqual((len(view.messages), len(view.recent), view.uidnext), (4, 1, 5))
+        self.assertEqual(status.uidvalidity, view.uidvalidity)
+
+    async def test_closed_folder_loaded_when_the_cache_cannot_answer(self) -> None:
+        await self.fill()
+        os.unlink(self.root / "cur" / self.cur()[0])  # removed behind the index's back
+        status, store = await self.status_of_a_fresh_process()
+        self.assertTrue(self.folder(store).loaded)
+        self.assertEqual((status.messages, status.unseen, status.uidnext), (2, 1, 4))
+        for name in (CACHE, CACHE + "-wal", CACHE + "-shm"):
+            if (self.root / name).exists():
+                os.unlink(self.root / name)
+        status, store = await self.status_of_a_fresh_process()
+        self.assertTrue(self.folder(store).loaded)
+        self.assertEqual((status.messages, status.unseen, status.uidnext), (2, 1, 4))
+
+    async def test_status_of_a_missing_folder(self) -> None:
+        await self.refused((await self.account(self.new_store())).status("Nope"), "NONEXISTENT")
 
 
 class UidTests(StoreCase):
@@ -456,6 +541,18 @@ class ViewTests(StoreCase):
         self.assertEqual(second.size, len(body))
         await self.refused(view.open_message(99), "EXPUNGEISSUED")
 
+    async def test_indexed_header_is_imaps_body_header(self) -> None:
+        """The header the index caches (HEADER fetches, SEARCH) is, to the byte, the BODY[HEADER]
+        IMAP cuts from the file: one rule for where a header ends."""
+        account = await self.account()
+        for raw in (b"No: blank line\n", b"\nbody first\n", b"A: 1\n\n\nbody", b"A: 1\r\nB:\n\r\nx", b""):
+            await account.append("INBOX", raw)
+        view = await self.open()
+        self.assertEqual(len(view.messages), 5)
+        for info in view.messages:
+            whole = await view.open_message(info.uid)
+            self.assertEqual(info.headers, fetch_section(whole, Section((), "HEADER")), whole)
+
     async def test_open_message_during_flag_changes(self) -> None:
         await (await self.account()).append("INBOX", message("a"))
         view = await self.open()
@@ -491,6 +588,13 @@ class ViewTests(StoreCase):
         self.assertEqual(list(event.expunged), [1, 3])
         self.assertEqual([(i.uid, i.flags) for i in event.added], [(5, {"\\Seen"})])
         self.assertEqual([(i.uid, i.flags) for i in event.flags], [(2, {"\\Seen"})])
+
+    @given(st.sets(st.integers(1, 300), max_size=150), st.lists(st.integers(0, 320), max_size=40))
+    def test_positions_of(self, present: set[int], uids: list[int]) -> None:
+        """The same ascending positions whether it searches for each UID or walks the list."""
+        messages = [MessageInfo(uid, 1, 0.0, frozenset(), b"", {}) for uid in sorted(present)]
+        expected = [i for i, info in enumerate(messages) if info.uid in set(uids)]
+        self.assertEqual(positions_of(messages, uids), expected)
 
 
 class RenameTests(StoreCase):

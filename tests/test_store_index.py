@@ -1,16 +1,13 @@
-"""The folder index's pure parts: wire form, flags in names, the uidlist format, lazy meta."""
+"""The folder index's pure parts: flags in names, the uidlist format, lazy meta."""
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from kms.store.index import (
     LazyMeta,
     UidValidities,
     delivery_order,
-    header_section,
     message_flags,
     name_with_flags,
     normalize_flags,
@@ -18,36 +15,7 @@ from kms.store.index import (
     split_name,
     uidlist_header,
     uidlist_lines,
-    wire_form,
-    wire_size,
 )
-
-
-class WireFormTests(TestCase):
-    def test_examples(self) -> None:
-        cases = {
-            b"": b"",
-            b"a\nb\n": b"a\r\nb\r\n",
-            b"a\r\nb\n": b"a\r\nb\r\n",
-            b"a\rb\n": b"a\rb\r\n",  # a lone CR is left alone
-            b"\n\n": b"\r\n\r\n",
-            b"a\r\r\n": b"a\r\r\n",
-        }
-        for raw, wire in cases.items():
-            self.assertEqual(wire_form(raw), wire, raw)
-            self.assertEqual(wire_size(raw), len(wire), raw)
-
-    @given(st.binary(max_size=200))
-    def test_size_and_idempotence(self, raw: bytes) -> None:
-        wire = wire_form(raw)
-        self.assertEqual(wire_size(raw), len(wire))
-        self.assertEqual(wire_form(wire), wire)
-        self.assertNotRegex(wire, rb"(?<!\r)\n")
-
-    def test_header_section(self) -> None:
-        self.assertEqual(header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\n"), b"A: 1\r\nB: 2\r\n\r\n")
-        self.assertEqual(header_section(b"\r\nbody"), b"\r\n")
-        self.assertEqual(header_section(b"A: 1\r\n"), b"A: 1\r\n")  # no body at all
 
 
 class FlagNameTests(TestCase):

@@ -15,25 +15,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from kms.imap.parser import BodyFetch, FetchItem
+from kms.imap.parser import MONTHS, BodyFetch, FetchItem
 from kms.imap.sections import fetch_section, from_headers, partial, section_label
 from kms.store.interfaces import MessageInfo
 
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+MAX_QUOTED = 1000  # longer strings are sent as literals
 _SPECIALS = frozenset('"\\')
 
 
-def quote(text: str) -> bytes:
-    """A string as a quoted string when it can be one, else as a literal of its UTF-8."""
-    if text.isascii() and text.isprintable():
+def quote(text: str) -> str:
+    """An IMAP string: quoted when it can be one (printable ASCII, not long), else a literal of its
+    UTF-8, NUL removed (not even a literal may carry NUL, RFC 3501 §4.3)."""
+    if len(text) <= MAX_QUOTED and text.isascii() and text.isprintable():
         if _SPECIALS.isdisjoint(text):
-            return b'"' + text.encode("ascii") + b'"'
-        return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
-    return literal(text.encode("utf-8"))
-
-
-def literal(data: bytes) -> bytes:
-    return b"{%d}\r\n%b" % (len(data), data)
+            return f'"{text}"'
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    text = text.replace("\x00", "")
+    return f"{{{len(text.encode('utf-8', 'replace'))}}}\r\n{text}"
 
 
 _flag_text: dict[frozenset[str], bytes] = {}
@@ -54,7 +52,7 @@ def format_date(stamp: float) -> bytes:
     t = time.gmtime(stamp)
     return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
         t.tm_mday,
-        _MONTHS[t.tm_mon - 1].encode("ascii"),
+        MONTHS[t.tm_mon - 1].encode("ascii"),
         t.tm_year,
         t.tm_hour,
         t.tm_min,

@@ -25,11 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from kms.imap.fetch import quote
 from kms.imap.search import header_texts, sent_date
-from kms.imap.sections import Entity, field_text, fields, header_section, mime_tree, parse_params
-
-MAX_QUOTED = 1000  # longer strings are sent as literals
-
+from kms.imap.sections import Entity, field_text, fields, mime_tree, parse_params
+from kms.wireform import header_section
 
 # --- addresses -----------------------------------------------------------------------------------
 
@@ -336,15 +335,6 @@ def analyze(message: bytes) -> dict[str, object]:
 # --- wire syntax ---------------------------------------------------------------------------------
 
 
-def _string(text: str) -> str:
-    if len(text) <= MAX_QUOTED and text.isascii() and text.isprintable():
-        if "\\" in text or '"' in text:
-            text = text.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{text}"'
-    text = text.replace("\x00", "")  # not even a literal may carry NUL
-    return f"{{{len(text.encode('utf-8', 'replace'))}}}\r\n{text}"
-
-
 def _render(value: list[object] | tuple[object, ...], out: list[str]) -> None:
     """One parenthesized list; leaves are written inline because structures are mostly leaves."""
     out.append("(")
@@ -362,7 +352,7 @@ def _render(value: list[object] | tuple[object, ...], out: list[str]) -> None:
             if item is None:
                 out.append("NIL")
             elif isinstance(item, str):
-                out.append(_string(item))
+                out.append(quote(item))
             elif type(item) is int:  # not bool
                 out.append(str(item))
             else:

@@ -16,18 +16,22 @@ RFC 7888 LITERAL+) and keeps memory bounded whatever arrives:
   client never sends it; a non-synchronizing one is refused at once and then skipped unread.
 * Numbers are bounded before ``int()`` ever sees them, so no digit string can cost CPU or fail
   with an overflow.
+
+SEARCH's ``CHARSET`` is decided here, once (`search_tokens`): the strings of a SEARCH are decoded
+with it, and it may be US-ASCII or UTF-8 (the two RFC 3501 §6.4.4 requires; UTF-8 when none is
+named).  Any other is refused with ``NO [BADCHARSET (UTF-8 US-ASCII)]``, after which clients
+search in UTF-8; `kms.imap.search` only ever sees text.
 """
 
 from __future__ import annotations
 
-import codecs
 import datetime
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kms.imap import mutf7
-from kms.imap.sections import Section
+from kms.imap.sections import FIELD_NAME, Section
 from kms.store.interfaces import SYSTEM_FLAGS
 
 MAX_LINE = 64 * 1024
@@ -299,7 +303,9 @@ def _decode_text(raw: bytes) -> str:
     return text
 
 
-def _scan(text: str, stack: list[list[Token]]) -> None:
+def _scan(text: str, stack: list[list[Token]]) -> int | None:
+    """Tokens of ``text`` onto the stack.  An atom whose ``[`` is not closed in ``text`` is left
+    unscanned: its start is returned, for `tokenize` to go on with it after the next literal."""
     pos, end = 0, len(text)
     while pos < end:
         char = text[pos]
@@ -325,19 +331,37 @@ def _scan(text: str, stack: list[list[Token]]) -> None:
             pos = match.end()
         else:
             match = _ATOM.match(text, pos)
-            if match is None:
-                raise ParseError(f"Unexpected character {char!r}")
+            # An atom stops at (or is kept from starting by) a "[" only when no "]" follows.
+            if match is None or text.startswith("[", match.end()):
+                return pos
             stack[-1].append(Atom(match[0]))
             pos = match.end()
+    return None
+
+
+def _field_name_text(literal: bytes) -> str:
+    """A literal inside ``[...]`` as quoted-string text: there the grammar allows only a header
+    field name (``BODY[HEADER.FIELDS ({4}\\r\\nFROM)]``, RFC 3501 §9 header-fld-name)."""
+    name = literal.decode("ascii", "replace")
+    if not FIELD_NAME.fullmatch(name) or "]" in name:
+        raise ParseError("Invalid header field name")
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def tokenize(command: Command) -> list[Token]:
     """The command as atoms, quoted strings (str), literals (bytes) and lists."""
     root: list[Token] = []
     stack = [root]
+    carried = ""  # the start of an atom whose "[...]" a literal interrupted
     for index, raw in enumerate(command.texts):
-        _scan(_decode_text(raw), stack)
-        if index < len(command.literals):
+        text = carried + _decode_text(raw)
+        carried = ""
+        open_at = _scan(text, stack)
+        if open_at is not None:
+            if index == len(command.literals):
+                raise ParseError("Unexpected character '['")
+            carried = text[open_at:] + _field_name_text(command.literals[index])
+        elif index < len(command.literals):
             stack[-1].append(command.literals[index])
     if len(stack) != 1:
         raise ParseError("Unbalanced parentheses")
@@ -439,12 +463,13 @@ def mailbox_name(raw: str) -> str:
     return name
 
 
-def number(text: str, what: str, nonzero: bool = True) -> int:
-    """A decimal up to 2^32-1: longer digit strings are refused before conversion."""
-    if not text.isascii() or not text.isdigit() or len(text) > 10:
+def number(text: str, what: str, nonzero: bool = True, maximum: int = MAX_NUMBER) -> int:
+    """A decimal up to ``maximum`` (2^32-1 unless told): longer digit strings are refused before
+    conversion, so no digit string can cost CPU."""
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(maximum)):
         raise ParseError(f"Invalid {what}")
     value = int(text)
-    if value > MAX_NUMBER or (nonzero and value == 0):
+    if value > maximum or (nonzero and value == 0):
         raise ParseError(f"Invalid {what}")
     return value
 
@@ -577,8 +602,6 @@ _RFC822 = {
     "RFC822.TEXT": BodyFetch(Section((), "TEXT", ()), peek=False, name="RFC822.TEXT"),
 }
 _BODY_ATT = re.compile(r"BODY(\.PEEK)?\[([^\]]*)\](?:<([0-9]+)\.([0-9]+)>)?", re.IGNORECASE)
-_SECTION_TEXTS = frozenset({"", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"})
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
 def parse_section(spec: str) -> Section:
@@ -591,23 +614,25 @@ def parse_section(spec: str) -> Section:
     while components and components[0].isdigit():
         part.append(number(components.pop(0), "section part"))
     text = ".".join(components).upper()
-    if text not in _SECTION_TEXTS or (text == "MIME" and not part):
-        raise ParseError("Invalid section")
     fields: tuple[str, ...] = ()
     if text.startswith("HEADER.FIELDS"):
         stack: list[list[Token]] = [[]]
-        _scan(field_list, stack)
+        if _scan(field_list, stack) is not None:
+            raise ParseError("Invalid header field list")
         if len(stack) != 1 or len(stack[0]) != 1 or not isinstance(stack[0][0], list) or not stack[0][0]:
             raise ParseError("Invalid header field list")
         names = []
         for token in stack[0][0]:
-            if not isinstance(token, str) or not _FIELD_NAME.fullmatch(token):
+            if not isinstance(token, str) or not FIELD_NAME.fullmatch(token):
                 raise ParseError("Invalid header field name")
             names.append(str(token))
         fields = tuple(names)
     elif field_list:
         raise ParseError("Invalid section")
-    return Section(tuple(part), text, fields)
+    try:
+        return Section(tuple(part), text, fields)
+    except ValueError:  # Section knows which texts there are
+        raise ParseError("Invalid section") from None
 
 
 def _fetch_att(token: Token) -> FetchItem:
@@ -688,9 +713,9 @@ def parse_store(args: Arguments) -> StoreRequest:
     return StoreRequest(match[1], match[2] is not None, tuple(parse_flag_list(tokens)))
 
 
-_MONTHS = {
-    name: index for index, name in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)
-}
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH_NUMBERS = {name.upper(): index for index, name in enumerate(MONTHS, 1)}  # not calendar's: locale-bound
+_DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
 _DATE_TIME = re.compile(
     r"([ 0-9]?[0-9])-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{4})"
 )
@@ -699,7 +724,7 @@ _DATE_TIME = re.compile(
 def parse_date_time(text: str) -> float:
     """APPEND's ``"17-Jul-1996 02:44:25 -0700"`` as seconds since the epoch."""
     match = _DATE_TIME.fullmatch(text)
-    month = _MONTHS.get(match[2].upper()) if match else None
+    month = _MONTH_NUMBERS.get(match[2].upper()) if match else None
     if match is None or month is None:
         raise ParseError("Invalid date-time")
     day, year, hour, minute, second = (int(match[i]) for i in (1, 3, 4, 5, 6))
@@ -715,22 +740,41 @@ def parse_date_time(text: str) -> float:
     return moment.timestamp()
 
 
+def parse_date(text: str) -> datetime.date:
+    """SEARCH's ``date``: ``1-Feb-1994`` (RFC 3501 §9)."""
+    match = _DATE.fullmatch(text)
+    if match is not None and match[2].upper() in _MONTH_NUMBERS:
+        try:
+            return datetime.date(int(match[3]), _MONTH_NUMBERS[match[2].upper()], int(match[1]))
+        except ValueError:  # 31-Feb-2024, year 0
+            pass
+    raise ParseError(f"Invalid date {text[:40]!r}")
+
+
 # --- SEARCH --------------------------------------------------------------------------------------
+
+
+SEARCH_CHARSETS = {"UTF-8": "utf-8", "US-ASCII": "ascii"}  # RFC 3501 §6.4.4's two; what BADCHARSET lists
+
+
+class BadCharset(Exception):
+    """SEARCH named a charset not in `SEARCH_CHARSETS`: ``NO [BADCHARSET (UTF-8 US-ASCII)]``."""
 
 
 def search_tokens(tokens: Sequence[Token]) -> list[object]:
     """``[CHARSET name] keys...`` -> the keys as str/list for `kms.imap.search.parse_search`.
 
-    Strings and literals are decoded with the charset; an unknown charset is `LookupError`
-    (the server answers ``NO [BADCHARSET]``), undecodable text a `ParseError`.
+    Strings and literals are decoded with the charset (UTF-8 when none is named); a charset not
+    in `SEARCH_CHARSETS` is `BadCharset`, text the charset cannot decode a `ParseError`.
     """
     tokens = list(tokens)
     charset = "UTF-8"
     if len(tokens) >= 2 and isinstance(tokens[0], Atom) and tokens[0].upper() == "CHARSET":
         charset = astring_value(tokens[1], "charset").upper()
         tokens = tokens[2:]
-    codec = codecs.lookup(charset).name
-    b"x".decode(codec, "replace")  # LookupError for codecs that are not text encodings (base64, rot13)
+    codec = SEARCH_CHARSETS.get(charset)
+    if codec is None:
+        raise BadCharset(charset)
 
     def convert(token: Token) -> object:
         if isinstance(token, list):

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_imap_search -*-
 """SEARCH (RFC 3501 §6.4.4, and RFC 5032 OLDER/YOUNGER) evaluated over the mailbox index.
 
-`parse_search` turns the command's arguments into a program of frozen dataclasses; `matches`
+`parse_search` turns the command's arguments, decoded by `kms.imap.parser.search_tokens` (which
+settles the CHARSET), into a program of frozen dataclasses, or raises `ParseError`; `matches`
 runs it against one `MessageInfo`.  Everything but BODY and TEXT is answered from the index:
 header keys from the decoded header texts the analyzer cached (``meta["search"]``, see
 `header_texts`), SENT* from ``meta["sent"]``, so SEARCH FROM over a large mailbox is a substring
@@ -28,21 +29,13 @@ from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kms.imap.parser import ParseError, number, parse_date, parse_sequence_set, resolve_set
 from kms.imap.sections import Entity, field_text, fields, header_fields, mime_tree
 from kms.store.interfaces import MessageInfo
 
-STAR = 0  # "*" in a sequence set, as in `kms.imap.parser`
 MAX_DEPTH = 100  # nesting of NOT / OR / parentheses
-MAX_NUMBER = 2**63 - 1  # LARGER, SMALLER, OLDER, YOUNGER
+MAX_NUMBER = 2**63 - 1  # LARGER, SMALLER, OLDER, YOUNGER (number64, as IMAP4rev2 has them)
 SEARCH_HEADERS = ("from", "to", "cc", "bcc", "subject")  # the header keys cached in meta["search"]
-
-
-class SearchError(ValueError):
-    """A SEARCH the server must refuse: ``tag BAD text``, or ``tag NO [BADCHARSET]`` when ``code`` says so."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- the program ---------------------------------------------------------------------------------
@@ -74,10 +67,10 @@ class Not:
 
 @dataclass(frozen=True, slots=True)
 class NumberSet:
-    """A sequence set (``uid`` False) or ``UID`` set: ``(low, high)`` ranges as written, `STAR` for ``*``.
+    """A sequence set (``uid`` False) or ``UID`` set, as `kms.imap.parser.parse_sequence_set` gives it.
 
-    ``*`` is the largest number in use, known only when matching (`SearchContext`); ``5:*``
-    covers it even when it is 3 (RFC 3501 §9).
+    ``*`` is the largest number in use, known only when matching (`SearchContext`): the set is
+    resolved then, by `kms.imap.parser.resolve_set`.
     """
 
     ranges: tuple[tuple[int, int], ...]
@@ -120,43 +113,16 @@ _FLAG_KEYS = {
     "SEEN": "\\Seen",
 }
 _BARE_KEYS = frozenset({"ALL", "NEW", "OLD", "RECENT", *_FLAG_KEYS, *("UN" + key for key in _FLAG_KEYS)})
-_MONTH_NAMES = "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()  # not calendar's: locale-bound
-_MONTHS = {month: number for number, month in enumerate(_MONTH_NAMES, 1)}
-_DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
-_SET = re.compile(r"(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?(?:,(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?)*")
 
 
-def _number(text: str, what: str, low: int = 0, high: int = MAX_NUMBER) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 20 and low <= int(text) <= high):
-        raise SearchError(f"invalid {what} {text[:40]!r}")
-    return int(text)
+def _day_number(year: int, month: int, day: int) -> int:
+    """A calendar day as the YYYYMMDD int that date keys compare."""
+    return year * 10000 + month * 100 + day
 
 
 def _date(text: str) -> int:
-    """``1-Feb-1994`` -> 19940201."""
-    match = _DATE.fullmatch(text)
-    month = _MONTHS.get(match[2].upper(), 0) if match else 0
-    try:
-        day = datetime.date(int(match[3]), month, int(match[1])) if match else None
-    except ValueError:
-        day = None
-    if day is None:
-        raise SearchError(f"invalid date {text[:40]!r}")
-    return day.year * 10000 + day.month * 100 + day.day
-
-
-def _set_number(text: str) -> int:
-    return STAR if text == "*" else _number(text, "sequence set", 1, 2**32 - 1)
-
-
-def _number_set(text: str, uid: bool) -> NumberSet:
-    if not _SET.fullmatch(text):
-        raise SearchError(f"invalid sequence set {text[:40]!r}")
-    ranges = []
-    for item in text.split(","):
-        low, _, high = item.partition(":")
-        ranges.append((_set_number(low), _set_number(high or low)))
-    return NumberSet(tuple(ranges), uid)
+    day = parse_date(text)
+    return _day_number(day.year, day.month, day.day)
 
 
 def _parse_keys(tokens: Sequence[object], depth: int) -> Program:
@@ -166,25 +132,25 @@ def _parse_keys(tokens: Sequence[object], depth: int) -> Program:
         key, pos = _parse_key(tokens, pos, depth)
         keys.append(key)
     if not keys:
-        raise SearchError("missing search key")
+        raise ParseError("Missing search key")
     return keys[0] if len(keys) == 1 else And(tuple(keys))
 
 
 def _parse_key(tokens: Sequence[object], pos: int, depth: int) -> tuple[Program, int]:
     if depth > MAX_DEPTH:
-        raise SearchError("search program nested too deeply")
+        raise ParseError("Search program nested too deeply")
     token = tokens[pos]
     pos += 1
     if isinstance(token, list):
         return _parse_keys(token, depth + 1), pos
     if not isinstance(token, str):
-        raise SearchError("invalid search key")
+        raise ParseError("Invalid search key")
     name = token.upper() if token.isascii() else token
 
     def argument() -> str:
         nonlocal pos
         if pos >= len(tokens) or not isinstance(tokens[pos], str):
-            raise SearchError(f"{name[:40]} needs an argument")
+            raise ParseError(f"{name[:40]} needs an argument")
         pos += 1
         return str(tokens[pos - 1])
 
@@ -195,7 +161,7 @@ def _parse_key(tokens: Sequence[object], pos: int, depth: int) -> tuple[Program,
     if name in _DATE_KEYS:
         return Key(name, (_date(argument()),)), pos
     if name in _NUMBER_KEYS:
-        return Key(name, (_number(argument(), "number"),)), pos
+        return Key(name, (number(argument(), "number", nonzero=False, maximum=MAX_NUMBER),)), pos
     if name in ("KEYWORD", "UNKEYWORD"):
         keyword = argument()
         return Key(name, (keyword, keyword.casefold())), pos
@@ -203,39 +169,33 @@ def _parse_key(tokens: Sequence[object], pos: int, depth: int) -> tuple[Program,
         header = argument()
         return Key(name, (header, argument().casefold())), pos
     if name == "UID":
-        return _number_set(argument(), uid=True), pos
+        return NumberSet(parse_sequence_set(argument()), uid=True), pos
     if name == "NOT":
         if pos >= len(tokens):
-            raise SearchError("NOT needs a search key")
+            raise ParseError("NOT needs a search key")
         key, pos = _parse_key(tokens, pos, depth + 1)
         return Not(key), pos
     if name == "OR":
         if pos + 1 >= len(tokens):
-            raise SearchError("OR needs two search keys")
+            raise ParseError("OR needs two search keys")
         left, pos = _parse_key(tokens, pos, depth + 1)
         if pos >= len(tokens):
-            raise SearchError("OR needs two search keys")
+            raise ParseError("OR needs two search keys")
         right, pos = _parse_key(tokens, pos, depth + 1)
         return Or(left, right), pos
     if token[:1].isdigit() or token[:1] == "*":
-        return _number_set(token, uid=False), pos
-    raise SearchError(f"unknown search key {token[:40]}")
+        return NumberSet(parse_sequence_set(token), uid=False), pos
+    raise ParseError(f"Unknown search key {token[:40]}")
 
 
 def parse_search(tokens: Sequence[object]) -> Program:
-    """The program for SEARCH's arguments: atoms and strings as str, parenthesized groups as lists.
+    """The program for SEARCH's keys as `kms.imap.parser.search_tokens` gives them: atoms and
+    strings as decoded str (the CHARSET is settled there), parenthesized groups as lists.
 
-    An optional leading ``CHARSET name`` is honoured: US-ASCII and UTF-8 (strings are text
-    already); any other is `SearchError` with code ``BADCHARSET``.  Arguments become: string
-    keys the casefolded term; dates YYYYMMDD ints; LARGER/SMALLER/OLDER/YOUNGER ints; KEYWORD
-    (keyword, casefolded keyword); HEADER (field name, casefolded term).
+    Arguments become: string keys the casefolded term; dates YYYYMMDD ints;
+    LARGER/SMALLER/OLDER/YOUNGER ints; KEYWORD (keyword, casefolded keyword); HEADER (field
+    name, casefolded term); sequence and UID sets `NumberSet` with the parser's ranges.
     """
-    tokens = list(tokens)
-    if len(tokens) >= 2 and isinstance(tokens[0], str) and tokens[0].upper() == "CHARSET":
-        charset = tokens[1]
-        if not isinstance(charset, str) or charset.upper() not in ("US-ASCII", "UTF-8"):
-            raise SearchError("unsupported charset", "BADCHARSET")
-        tokens = tokens[2:]
     return _parse_keys(tokens, 0)
 
 
@@ -324,7 +284,7 @@ def sent_date(header: bytes) -> int | None:
         day = datetime.date(*parsed[:3])
     except (ValueError, TypeError, IndexError, OverflowError):  # parsedate_tz's failure modes
         return None
-    return day.year * 10000 + day.month * 100 + day.day
+    return _day_number(day.year, day.month, day.day)
 
 
 def _text_parts(message: bytes, entity: Entity, out: list[str]) -> None:
@@ -366,7 +326,7 @@ _Match = Callable[[tuple[Any, ...], MessageInfo, int, SearchContext], bool]
 
 def _day(timestamp: float) -> int:
     day = time.gmtime(timestamp)
-    return day.tm_year * 10000 + day.tm_mon * 100 + day.tm_mday
+    return _day_number(day.tm_year, day.tm_mon, day.tm_mday)
 
 
 def _sent(info: MessageInfo) -> int:
@@ -455,16 +415,12 @@ def _bounds(numbers: NumberSet, context: SearchContext) -> tuple[list[int], list
     """The set with ``*`` resolved, as merged (lows, highs), worked out once per SEARCH."""
     cached = context._sets.get(id(numbers))
     if cached is None or cached[0] is not numbers:
-        star = context.max_uid if numbers.uid else context.max_seq
-        lows: list[int] = []
-        highs: list[int] = []
-        for low, high in sorted(sorted((a or star, b or star)) for a, b in numbers.ranges):
-            if highs and low <= highs[-1] + 1:
-                highs[-1] = max(highs[-1], high)
-            else:
-                lows.append(low)
-                highs.append(high)
-        cached = context._sets[id(numbers)] = (numbers, lows, highs)
+        spans = resolve_set(numbers.ranges, context.max_uid if numbers.uid else context.max_seq)
+        cached = context._sets[id(numbers)] = (
+            numbers,
+            [low for low, _ in spans],
+            [high for _, high in spans],
+        )
     return cached[1], cached[2]
 
 

@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_imap_sections -*-
 """FETCH body sections (RFC 3501 §6.4.5) cut out of a message in wire form, and the MIME walk behind them.
 
-`mime_tree` is the one place that decides where a header ends, where a part starts and what a part's
-type is; `kms.imap.message` builds BODYSTRUCTURE from the same tree, so the part numbers a client reads
-in BODYSTRUCTURE are exactly the bytes ``BODY[n]`` returns.  It works on offsets into the message and
-never decodes a body, so it is linear in the message size.
+`mime_tree` is the one place that decides where a part starts and what a part's type is (where a
+header ends is `kms.wireform.body_start`, the rule the store indexes headers by); `kms.imap.message`
+builds BODYSTRUCTURE from the same tree, so the part numbers a client reads in BODYSTRUCTURE are
+exactly the bytes ``BODY[n]`` returns.  It works on offsets into the message and never decodes a
+body, so it is linear in the message size.
 
 Hostile input has defined meanings rather than errors:
 
@@ -24,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
+from kms.wireform import body_start, header_section
+
 MAX_DEPTH = 50  # multipart / message/rfc822 nesting beyond which a part is a plain leaf
 MAX_PARTS = 1000  # entities in one message; the part that reaches it runs to its multipart's end
 MAX_FIELD = 64 * 1024  # characters of a header field value that are interpreted
@@ -32,12 +35,11 @@ _Type = tuple[str, str, tuple[tuple[str, str], ...]]
 TEXT_PLAIN: _Type = ("TEXT", "PLAIN", (("CHARSET", "US-ASCII"),))  # RFC 2045 §5.2 default
 _SECTION_TEXTS = frozenset({"", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"})
 
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 # A header field with its continuation lines, found after the LF that ends the line before it (the
 # caller puts one in front of the header): a leading literal lets the regex engine skip from line to
 # line.  Names are RFC 5322 ftext; a line without a colon or starting with a blank starts no field.
 _FIELD = re.compile(rb"\n([\x21-\x39\x3b-\x7e]++)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`{|}~0-9A-Za-z]+")  # RFC 2045 token
 _PARAM = re.compile(r';\s*([^\s;=]+)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)(?:"|\Z)|([^;]*)))?', re.S)
@@ -46,22 +48,6 @@ _ATOM = re.compile(r"[^\x00-\x20\x7f-\U0010ffff(){%*\"\\\]]+")
 
 
 # --- header fields -------------------------------------------------------------------------------
-
-
-def body_start(message: bytes, start: int = 0, end: int | None = None) -> int:
-    """Where the body of the entity at ``message[start:end]`` starts: just after the first empty line."""
-    end = len(message) if end is None else end
-    if message.startswith(b"\r\n", start, end):
-        return start + 2
-    if message.startswith(b"\n", start, end):
-        return start + 1
-    blank = _BLANK_LINE.search(message, start, end)
-    return blank.end() if blank else end
-
-
-def header_section(message: bytes) -> bytes:
-    """``BODY[HEADER]``: the header up to and including the empty line (what `MessageInfo.headers` holds)."""
-    return message[: body_start(message)]
 
 
 def _framed(header: bytes) -> bytes:
@@ -91,7 +77,7 @@ def field_text(raw: bytes) -> str:
 @lru_cache(maxsize=256)
 def _fields_pattern(names: tuple[str, ...], negate: bool) -> re.Pattern[bytes]:
     """One regex per requested name list: a client asks the same list for every message in a FETCH."""
-    wanted = sorted({re.escape(name.encode("ascii")) for name in names if _FIELD_NAME.fullmatch(name)})
+    wanted = sorted({re.escape(name.encode("ascii")) for name in names if FIELD_NAME.fullmatch(name)})
     alternatives = b"|".join(wanted) or b"(?!)"
     name = rb"(?!(?:%s)[ \t]*:)[\x21-\x39\x3b-\x7e]++" % alternatives if negate else rb"(?:%s)" % alternatives
     return re.compile(rb"\n(%s[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*)" % name, re.I)

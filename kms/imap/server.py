@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
@@ -54,8 +54,10 @@ from kms.imap.fetch import FetchPlan, flags_response, quote
 from kms.imap.parser import (
     MAX_LINE,
     MAX_LITERAL,
+    SEARCH_CHARSETS,
     Arguments,
     Atom,
+    BadCharset,
     BodyFetch,
     Command,
     CommandReader,
@@ -79,6 +81,7 @@ from kms.imap.parser import (
     tokenize,
 )
 from kms.imap.search import Program, SearchContext, matches, needs_body, parse_search
+from kms.positions import delete_positions
 from kms.store.interfaces import (
     SYSTEM_FLAGS,
     Account,
@@ -112,6 +115,38 @@ Result = tuple[str, str, str]  # status ("OK", "NO", "BAD"), response code, text
 Reply = Result | Deferred[Result]
 _OK: Result = ("OK", "", "Completed")
 _IMPLIED_PARENT = frozenset({"\\Noselect", "\\HasChildren"})
+
+
+def list_selection(
+    folders: Sequence[FolderListing], matches: Callable[[str], bool], lsub_wide: Callable[[str], bool] | None
+) -> list[FolderListing]:
+    """What LIST (``lsub_wide`` None) or LSUB answers, INBOX first, then in name order.
+
+    LIST: the folders that exist, and each level above one that is no folder of its own, as
+    ``\\Noselect``.  LSUB: the subscribed names, and an unsubscribed level above one only where a
+    ``%`` stopped at that level and so hid the name below it (RFC 3501 §6.3.9), which is when
+    the name matches ``lsub_wide`` (the pattern with ``%`` as ``*``) but not the pattern itself.
+    """
+    if lsub_wide is None:
+        entries = {f.name: f for f in folders if "\\NonExistent" not in f.attributes}
+    else:
+        entries = {f.name: f for f in folders if f.subscribed}
+    implied: dict[str, FolderListing] = {}
+    for name in entries:
+        if lsub_wide is not None and (matches(name) or not lsub_wide(name)):
+            continue
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent not in entries:
+                implied[parent] = FolderListing(parent, _IMPLIED_PARENT, False)
+    entries.update(implied)
+    return [entries[name] for name in sorted(entries, key=lambda n: (n != "INBOX", n)) if matches(name)]
+
+
+def _keywords(flags: Iterable[str]) -> set[str]:
+    """The keywords among ``flags`` (the store keeps system flags in canonical spelling)."""
+    return {flag for flag in flags if not flag.startswith("\\")}
 
 
 @dataclass(frozen=True)
@@ -231,6 +266,7 @@ class IMAPServer(Protocol):
         self._account: Account | None = None
         self._view: FolderView | None = None
         self._uids = array("Q")  # UIDs by sequence number, as this client knows them
+        self._keywords: set[str] = set()  # the keywords this client's FLAGS listed
         self._line_consumer: Callable[[Line], None] | None = None
         self._idle: Deferred[Result] | None = None
         self._after: Callable[[], None] | None = None  # runs once the tagged response is queued
@@ -542,27 +578,44 @@ class IMAPServer(Protocol):
     # --- the selected folder ----------------------------------------------------------------------
 
     def _sync(self) -> None:
-        """Tell the client what changed: EXPUNGE (sequence numbers adjusted as each goes), EXISTS,
-        flag changes.  Afterwards ``_uids`` matches the view's messages again."""
+        """Tell the client what changed: new keywords (FLAGS), EXPUNGE (sequence numbers adjusted
+        as each goes), EXISTS, flag changes.  Afterwards ``_uids`` matches the view's messages
+        again; the work follows the number of changes, not the folder's size."""
         view = self._view
         assert view is not None
         event = view.sync()
-        messages = view.messages
-        known = self._uids
-        if event.expunged or event.added or len(messages) != len(known):
-            present = {info.uid for info in messages}
-            removed = 0
-            for index, uid in enumerate(known):
-                if uid not in present:
-                    self._out.append(b"* %d EXPUNGE\r\n" % (index + 1 - removed))
-                    removed += 1
-            self._uids = array("Q", (info.uid for info in messages))
-            if len(messages) > len(known) - removed:
-                self._out.append(b"* %d EXISTS\r\n" % len(messages))
+        self._new_keywords(flag for info in chain(event.added, event.flags) for flag in info.flags)
+        uids = self._uids
+        if event.expunged:
+            positions: list[int] = []
+            for uid in event.expunged:  # ascending: each response counts the ones before it
+                index = bisect_left(uids, uid)
+                if index < len(uids) and uids[index] == uid:
+                    self._out.append(b"* %d EXPUNGE\r\n" % (index + 1 - len(positions)))
+                    positions.append(index)
+            delete_positions(uids, positions)
+        if event.added:
+            uids.extend(info.uid for info in event.added)
+            self._out.append(b"* %d EXISTS\r\n" % len(uids))
         for info in event.flags:
             seq = self._seq_of(info.uid)
             if seq:
                 self._out.append(flags_response(seq, info, uid=True))
+
+    def _new_keywords(self, flags: Iterable[str]) -> None:
+        """Keywords this client has not been told of yet go into FLAGS (and PERMANENTFLAGS), sent
+        at once: before any FETCH that shows them (RFC 3501 §7.2.6)."""
+        new = _keywords(flags) - self._keywords
+        if new:
+            self._keywords |= new
+            self._flags_responses()
+
+    def _flags_responses(self) -> None:
+        view = self._selected_view()
+        flags = " ".join([*SYSTEM_FLAGS, *sorted(self._keywords)])
+        self._untagged(f"FLAGS ({flags})")
+        permanent = "" if view.readonly else f"{flags} \\*"
+        self._untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags permitted")
 
     def _seq_of(self, uid: int) -> int:
         """The sequence number of ``uid`` for this client, or 0."""
@@ -801,11 +854,8 @@ class IMAPServer(Protocol):
             messages = view.messages
             self._uids = array("Q", (info.uid for info in messages))
             view.set_listener(self._folder_changed)
-            keywords = sorted(set().union(*{info.flags for info in messages}) - set(SYSTEM_FLAGS))
-            flags = " ".join([*SYSTEM_FLAGS, *keywords])
-            self._untagged(f"FLAGS ({flags})")
-            permanent = "" if view.readonly else f"{flags} \\*"
-            self._untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags permitted")
+            self._keywords = _keywords(set().union(*{info.flags for info in messages}))
+            self._flags_responses()
             self._untagged(f"{len(messages)} EXISTS")
             # The \\Recent messages are the view's (`kms.store.mailbox`); `FolderView` doesn't promise them.
             self._untagged(f"{len(view.recent)} RECENT")
@@ -854,25 +904,17 @@ class IMAPServer(Protocol):
             self._untagged('LIST (\\Noselect) "/" ""')
             return ("OK", "", "LIST completed")
         matcher = list_matcher(reference, pattern)
+        # The pattern with "%" as "*": the names a "%" stopped short of (LSUB's \\Noselect levels).
+        wide = list_matcher(reference.replace("%", "*"), pattern.replace("%", "*"))
 
         def listed(folders: Sequence[FolderListing]) -> Result:
-            entries = {folder.name: folder for folder in folders if folder.subscribed or not lsub}
-            # A level above a listed name with no folder (LIST) or no subscription (LSUB) of its own.
-            for name in list(entries):
-                parts = name.split("/")
-                for depth in range(1, len(parts)):
-                    parent = "/".join(parts[:depth])
-                    if parent not in entries:
-                        entries[parent] = FolderListing(parent, _IMPLIED_PARENT, False)
-            for name in sorted(entries, key=lambda n: (n != "INBOX", n)):
-                if matcher(name):
-                    attributes = " ".join(sorted(entries[name].attributes))
-                    wire = b'* %b (%b) "/" %b\r\n' % (
-                        verb.encode(),
-                        attributes.encode("utf-8"),
-                        quote(mutf7.encode(name)),
-                    )
-                    self._out.append(wire)
+            for folder in list_selection(folders, matcher, wide if lsub else None):
+                wire = b'* %b (%b) "/" %b\r\n' % (
+                    verb.encode(),
+                    " ".join(sorted(folder.attributes)).encode("utf-8"),
+                    quote(mutf7.encode(folder.name)).encode("utf-8"),
+                )
+                self._out.append(wire)
             return ("OK", "", f"{verb} completed")
 
         return self._user_account().list().addCallback(listed)
@@ -894,7 +936,9 @@ class IMAPServer(Protocol):
                 "APPENDLIMIT": self.settings.append_limit,
             }
             text = " ".join(f"{item} {values[item]}" for item in dict.fromkeys(items))
-            self._out.append(b"* STATUS %b (%b)\r\n" % (quote(mutf7.encode(name)), text.encode("ascii")))
+            self._out.append(
+                b"* STATUS %b (%b)\r\n" % (quote(mutf7.encode(name)).encode("utf-8"), text.encode("ascii"))
+            )
             return ("OK", "", "STATUS completed")
 
         return self._user_account().status(name).addCallback(status)
@@ -1067,6 +1111,8 @@ class IMAPServer(Protocol):
             return ("OK", "", "STORE completed")
 
         def stored(infos: Sequence[MessageInfo]) -> Reply:
+            if request.mode != "-" and infos:
+                self._new_keywords(request.flags)
             if request.silent:
                 return ("OK", "", "STORE completed")
             d = self._bulk(self._flags_work(infos, uid))
@@ -1087,12 +1133,9 @@ class IMAPServer(Protocol):
     def _search(self, args: Arguments, uid: bool) -> Reply:
         try:
             keys = search_tokens(args.rest())
-        except LookupError:
-            return ("NO", "BADCHARSET (UTF-8 US-ASCII)", "Unsupported charset")
-        try:
-            program = parse_search(keys)
-        except ValueError as e:
-            raise ParseError(str(e)) from None
+        except BadCharset:
+            return ("NO", f"BADCHARSET ({' '.join(SEARCH_CHARSETS)})", "Unsupported charset")
+        program = parse_search(keys)
         found: list[int] = []
 
         def answer(_: object) -> Result:

@@ -1,4 +1,4 @@
-"""One folder's index on disk: UIDs, flags in file names, the metadata cache, and wire form.
+"""One folder's index on disk: UIDs, flags in file names, and the metadata cache.
 
 Three things describe a folder, each the authority for one part of the truth:
 
@@ -38,6 +38,7 @@ from twisted.logger import Logger
 
 from kms.store.interfaces import SYSTEM_FLAGS, Analyzer, MailboxError, MessageInfo
 from kms.store.maildir import ensure_maildir, maildir_name
+from kms.wireform import header_section, wire_form
 
 log = Logger()
 
@@ -47,7 +48,6 @@ INFO = ":2,"
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 _LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
 _SYSTEM = {flag.lower(): flag for flag in SYSTEM_FLAGS}
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 _SIZE = re.compile(r",S=(\d+)")
 _TIME_PARTS = re.compile(r"(\d{1,12})\.(?:M(\d{1,9}))?(?:[^.]*?Q(\d{1,12}))?")
 _UIDLIST_HEADER = re.compile(r"V(\d{1,10}) N(\d{1,10})\n")
@@ -56,26 +56,6 @@ _COMPACT_AFTER = 1000  # dead uidlist lines tolerated before a rewrite (and at l
 
 
 # --- pure helpers -------------------------------------------------------------------------------
-
-
-def wire_form(data: bytes) -> bytes:
-    """Every bare LF becomes CRLF; an existing CRLF (and a lone CR) stays as it is."""
-    if b"\r" not in data:
-        return data.replace(b"\n", b"\r\n")
-    return _BARE_LF.sub(b"\r\n", data)
-
-
-def wire_size(data: bytes) -> int:
-    """``len(wire_form(data))`` without building it."""
-    return len(data) + data.count(b"\n") - data.count(b"\r\n")
-
-
-def header_section(wire: bytes) -> bytes:
-    """The header section of a wire-form message, with the empty line that ends it (RFC 5322)."""
-    if wire.startswith(b"\r\n"):
-        return b"\r\n"
-    end = wire.find(b"\r\n\r\n")
-    return wire if end < 0 else wire[: end + 4]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -268,6 +248,30 @@ class Entry:
     name: str  # in cur/
 
 
+def flag_tally(infos: Iterable[MessageInfo]) -> tuple[int, list[int]]:
+    """How many of ``infos`` are unseen, and the UIDs flagged \\Deleted: kept up to date as a
+    folder changes, so STATUS and EXPUNGE never walk the whole folder."""
+    unseen = 0
+    deleted = []
+    for info in infos:
+        if "\\Seen" not in info.flags:
+            unseen += 1
+        if "\\Deleted" in info.flags:
+            deleted.append(info.uid)
+    return unseen, deleted
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What STATUS needs of a folder, read without loading it (`FolderFiles.counts`)."""
+
+    uidvalidity: int
+    uidnext: int  # the files in new/ counted in, numbered as the load that takes them in will
+    messages: int
+    unseen: int
+    new: int  # files in new/: \\Recent once taken in
+
+
 @dataclass(frozen=True)
 class Loaded:
     uidvalidity: int
@@ -275,6 +279,8 @@ class Loaded:
     infos: list[MessageInfo]  # UID order
     names: dict[int, str]  # UID -> file name in cur/
     recent: list[int]  # UIDs given by this load
+    unseen: int  # `flag_tally` of ``infos``, worked out in the thread
+    deleted: list[int]
 
 
 # --- blocking side ------------------------------------------------------------------------------
@@ -372,6 +378,14 @@ class IndexCache:
         """Every cached row in UID order (None, and a fresh cache, if it cannot be read)."""
         try:
             return self._db.execute(f"SELECT {_ROW} FROM messages ORDER BY uid").fetchall()
+        except sqlite3.DatabaseError as e:
+            self._reopen(e)
+            return None
+
+    def names(self) -> list[str] | None:
+        """Every cached file name (None, and a fresh cache, if it cannot be read)."""
+        try:
+            return [name for (name,) in self._db.execute("SELECT name FROM messages")]
         except sqlite3.DatabaseError as e:
             self._reopen(e)
             return None
@@ -537,7 +551,44 @@ class FolderFiles:
             self._rewrite_uidlist(self.uidvalidity, self.uidnext, [(i.uid, names[i.uid]) for i in infos])
         if self._cache_ok:
             self._cache_do(lambda: cache.insert([], mark=(self._uidlist_inode, self._uidlist_size)))
-        return Loaded(self.uidvalidity, self.uidnext, infos, names, [e.info.uid for e in fresh])
+        recent = [e.info.uid for e in fresh]
+        return Loaded(self.uidvalidity, self.uidnext, infos, names, recent, *flag_tally(infos))
+
+    def counts(self) -> Counts | None:
+        """STATUS of a folder nobody has open, without reading its messages or the cache's rows:
+        the cached file names checked against one listdir of cur/ and new/ (flags come from the
+        names, as everywhere).  No message is read, moved or numbered.  None when the cache
+        cannot vouch for the UIDs (it is missing, has not absorbed the whole uidlist, or its names
+        differ from cur/'s): only `load` can tell then."""
+        if not self.path.is_dir():
+            raise MailboxError("no such mailbox", "NONEXISTENT")
+        if not (self.path / CACHE).exists():
+            return None
+        cache = IndexCache(self.path / CACHE)
+        try:
+            state, names = cache.state(), cache.names()
+        finally:
+            cache.close()
+        try:
+            with open(self.path / UIDLIST, "rb") as f:
+                data = f.read()
+                inode = os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            return None
+        if names is None or inode != state.inode or state.absorbed != len(data):
+            return None
+        uidlist = parse_uidlist(data, state.absorbed)
+        if uidlist is None or uidlist.uidvalidity != state.uidvalidity:
+            return None
+        try:
+            cur = {n for n in os.listdir(self.path / "cur") if acceptable_name(n)}
+            new = [n for n in os.listdir(self.path / "new") if acceptable_name(n)]
+        except FileNotFoundError:  # a maildir missing its subdirectories: `load` repairs it
+            return None
+        if cur != set(names):
+            return None
+        unseen = sum(1 for n in itertools.chain(cur, new) if "\\Seen" not in message_flags(n, ""))
+        return Counts(uidlist.uidvalidity, uidlist.uidnext + len(new), len(cur) + len(new), unseen, len(new))
 
     def ingest(self) -> list[Entry]:
         """Take in what SMTP delivered to new/ since the last look (a listdir of new/ only).

@@ -50,11 +50,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kms.positions import delete_positions
 from kms.store.index import (
+    Counts,
     Entry,
     FolderFiles,
     Loaded,
     UidValidities,
+    flag_tally,
     fsync_dir,
     normalize_flags,
     uid_of,
@@ -94,6 +97,15 @@ def _find(messages: Sequence[MessageInfo], uid: int) -> int | None:
     """Position of ``uid`` in a UID-ordered list, or None."""
     i = bisect_left(messages, uid, key=uid_of)
     return i if i < len(messages) and messages[i].uid == uid else None
+
+
+def positions_of(messages: Sequence[MessageInfo], uids: Iterable[int]) -> list[int]:
+    """Ascending positions of those of ``uids`` that are in a UID-ordered list: a binary search
+    each, or, for a good part of the list (DELETE, STORE 1:*), one pass over it."""
+    wanted = set(uids)
+    if len(wanted) * 16 > len(messages):
+        return [i for i, info in enumerate(messages) if info.uid in wanted]
+    return [i for uid in sorted(wanted) if (i := _find(messages, uid)) is not None]
 
 
 def merge_events(events: Iterable[FolderEvent], present: Callable[[int], bool]) -> FolderEvent:
@@ -289,6 +301,8 @@ class _Folder:
         self.messages: list[MessageInfo] = []  # UID order
         self.names: dict[int, str] = {}  # UID -> file name in cur/
         self.recent: set[int] = set()  # recent UIDs no read-write view has taken yet
+        self.unseen = 0  # messages without \Seen (kept up to date by `_tally`)
+        self.doomed: set[int] = set()  # UIDs of the messages with \Deleted (likewise)
         self.views: set[_View] = set()
         self._refresh_queued = False
 
@@ -314,8 +328,19 @@ class _Folder:
     def _loaded(self, loaded: Loaded) -> None:
         self.uidvalidity, self.uidnext = loaded.uidvalidity, loaded.uidnext
         self.messages, self.names = loaded.infos, loaded.names
+        self.unseen, self.doomed = loaded.unseen, set(loaded.deleted)
         self.recent.update(loaded.recent)
         self.loaded = True
+
+    def _tally(self, infos: Iterable[MessageInfo], sign: int) -> None:
+        """``infos`` joined (+1) or left (-1) the folder: the counts follow, at no cost per message
+        that did not change."""
+        unseen, deleted = flag_tally(infos)
+        self.unseen += sign * unseen
+        if sign > 0:
+            self.doomed.update(deleted)
+        else:
+            self.doomed.difference_update(deleted)
 
     def add(self, entries: Sequence[Entry]) -> None:
         """New messages (UIDs above all present ones): into the index, and to every view."""
@@ -324,6 +349,7 @@ class _Folder:
             return
         infos = [e.info for e in entries]
         self.messages.extend(infos)
+        self._tally(infos, 1)
         self.names.update((e.info.uid, e.name) for e in entries)
         self.recent.update(info.uid for info in infos)
         self.publish(FolderEvent(added=infos))
@@ -332,26 +358,30 @@ class _Folder:
         for entry in entries:
             i = _find(self.messages, entry.info.uid)
             if i is not None:
+                self._tally([self.messages[i]], -1)
+                self._tally([entry.info], 1)
                 self.messages[i] = entry.info
                 self.names[entry.info.uid] = entry.name
 
-    def drop(self, uids: Sequence[int]) -> None:
-        gone = set(uids)
-        if not gone:
+    def drop(self, uids: Iterable[int]) -> None:
+        """Messages leave the folder (expunged, moved away, or the folder deleted)."""
+        positions = positions_of(self.messages, uids)
+        if not positions:
             return
-        self.messages = [m for m in self.messages if m.uid not in gone]
-        for uid in gone:
-            self.names.pop(uid, None)
-        self.recent -= gone
-        self.publish(FolderEvent(expunged=sorted(gone)))
+        gone = [self.messages[i] for i in positions]
+        delete_positions(self.messages, positions)
+        self._tally(gone, -1)
+        expunged = [info.uid for info in gone]
+        for uid in expunged:
+            del self.names[uid]
+        self.recent.difference_update(expunged)
+        self.publish(FolderEvent(expunged=expunged))
 
     def entries(self, uids: Iterable[int]) -> list[Entry]:
-        found = []
-        for uid in sorted(set(uids)):
-            i = _find(self.messages, uid)
-            if i is not None:
-                found.append(Entry(self.messages[i], self.names[uid]))
-        return found
+        return [
+            Entry(self.messages[i], self.names[self.messages[i].uid])
+            for i in positions_of(self.messages, uids)
+        ]
 
     def publish(self, event: FolderEvent) -> None:
         for view in list(self.views):
@@ -371,18 +401,17 @@ class _Folder:
         )
 
     def status(self) -> FolderStatus:
-        unseen = sum(1 for m in self.messages if "\\Seen" not in m.flags)
-        return FolderStatus(len(self.messages), len(self.recent), self.uidnext, self.uidvalidity, unseen)
+        return FolderStatus(len(self.messages), len(self.recent), self.uidnext, self.uidvalidity, self.unseen)
 
 
 class _View:
     """One session's view of a folder (`FolderView`).
 
-    ``messages`` changes only in `sync`: a sync that expunges makes a new list; one that only
-    adds messages or changes flags updates the list in place.  ``recent`` holds the UIDs that are
-    \\Recent for this session.  `store` applies the caller's own flag changes to its snapshot at
-    once (they move no sequence numbers); every other change, the caller's EXPUNGE and APPEND
-    included, reaches each view, the caller's too, through `sync`.
+    ``messages`` changes only in `sync`, in place (an expunge deletes by position, so its cost
+    follows the number of messages removed, not the folder's size).  ``recent`` holds the UIDs
+    that are \\Recent for this session.  `store` applies the caller's own flag changes to its
+    snapshot at once (they move no sequence numbers); every other change, the caller's EXPUNGE
+    and APPEND included, reaches each view, the caller's too, through `sync`.
     """
 
     def __init__(
@@ -424,9 +453,8 @@ class _View:
         messages = self._messages
         event = merge_events(pending, lambda uid: _find(messages, uid) is not None)
         if event.expunged:
-            gone = set(event.expunged)
-            self._messages = self.messages = [m for m in messages if m.uid not in gone]
-            self.recent -= gone
+            delete_positions(messages, positions_of(messages, event.expunged))
+            self.recent = self.recent.difference(event.expunged)
         changed = []  # flags this session's own STORE already applied are not news
         for info in event.flags:
             i = _find(self._messages, info.uid)
@@ -495,11 +523,7 @@ class _View:
         only = None if uids is None else set(uids)
 
         def work() -> Deferred[Sequence[int]]:
-            targets = [
-                Entry(m, folder.names[m.uid])
-                for m in folder.messages
-                if "\\Deleted" in m.flags and (only is None or m.uid in only)
-            ]
+            targets = folder.entries(folder.doomed if only is None else folder.doomed.intersection(only))
             if not targets:
                 return succeed([])
             return folder.store.run(folder.files.remove, targets).addCallback(removed, targets)
@@ -630,7 +654,25 @@ class _Account:
         return self._open(INBOX, False, release).addErrback(failed)
 
     def status(self, name: str) -> Deferred[FolderStatus]:
-        return self._with_folder(name, lambda f: f.fresh().addCallback(lambda _: f.status()))
+        """A loaded folder answers from memory; one that is not is counted from its cache and a
+        listdir (`FolderFiles.counts`), and loaded only if that cannot answer."""
+
+        def work(folder: _Folder) -> Deferred[FolderStatus]:
+            if folder.loaded or folder.deleted:
+                return loaded(folder)
+            return self.store.run(folder.files.counts).addCallback(counted, folder)
+
+        def counted(counts: Counts | None, folder: _Folder) -> FolderStatus | Deferred[FolderStatus]:
+            if counts is None:
+                return loaded(folder)
+            return FolderStatus(
+                counts.messages, counts.new, counts.uidnext, counts.uidvalidity, counts.unseen
+            )
+
+        def loaded(folder: _Folder) -> Deferred[FolderStatus]:
+            return folder.fresh().addCallback(lambda _: folder.status())
+
+        return self._with_folder(name, work)
 
     def create(self, name: str) -> Deferred[None]:
         try:
