@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kms.auth.matrix import method_warnings
 from kms.ipgroups import IPGroup, parse_group
 
 T = TypeVar("T")
@@ -642,13 +643,11 @@ def _logs(s: _Section) -> LogsConfig:
 def config_warnings(cfg: Config) -> list[str]:
     """Legal but probably unintended settings, printed by ``kmsctl check-config`` and at start."""
     warnings = []
-    if cfg.security.password_storage == "sha":
-        challenge = [m for m in cfg.security.methods if m in ("CRAM-MD5", "DIGEST-MD5")]
-        if challenge:
-            warnings.append(
-                f"security.methods: {', '.join(challenge)} cannot work for passwords stored one-way "
-                '(password_storage = "sha"); clients choosing them will fail to log in'
-            )
+    storage = cfg.security.password_storage
+    if not cfg.security.methods:
+        warnings.append("security.methods: empty; only POP3 APOP remains, and only for des users")
+    who = f'new passwords (password_storage = "{storage}")'
+    warnings.extend(method_warnings(cfg.security.methods, storage, True, who))
     if cfg.relay.local_group == "" and cfg.misc.hide_local_ip:
         warnings.append("misc.hide_local_ip: has no effect without relay.local_group")
     if "submission" in cfg.listeners and not cfg.tls.certificate:

@@ -12,13 +12,15 @@ import argparse
 import getpass
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kms.auth.passwords import StoreKey, StoreKeyError
+from kms.auth.matrix import method_warnings, usable_methods
+from kms.auth.passwords import InvalidToken, StoreKey, StoreKeyError
 from kms.config import Config, ConfigError, config_warnings, load_config, runtime_problems
-from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address
+from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address, reversible_password
 from kms.tls import generate_dev_certificate
 
 DEFAULT_CONFIG = Path("etc/kms.toml")
@@ -111,6 +113,11 @@ def _user_add(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _user_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    """Set a new password, in the user's storage class unless ``--storage`` converts it.
+
+    ``--keep-password`` converts a ``des`` user without asking: the stored password is decrypted
+    and stored again.  The other way round is impossible, a one-way hash cannot be reversed.
+    """
     address = _address(args.address)
     db = _userdb(cfg)
     try:
@@ -119,11 +126,20 @@ def _user_passwd(cfg: Config, args: argparse.Namespace) -> int:
             raise CtlError(f"no such user: {address}")
         if record.storage == "directory":
             raise CtlError(f"{address} is a directory user: change the password in the directory")
-        password = _read_password(args.password_stdin)
-        storage = args.storage or cfg.security.password_storage
-        record = db.set_password(address, password, storage, _store_key(cfg))
+        key = _store_key(cfg)
+        if args.keep_password:
+            if args.password_stdin:
+                raise CtlError("--keep-password reads no password: drop --password-stdin")
+            password = reversible_password(record, key)
+            if password is None:
+                raise CtlError(f"{address}: the password is stored one-way and cannot be kept; set a new one")
+        else:
+            password = _read_password(args.password_stdin)
+        record = db.set_password(address, password, args.storage or record.storage, key)
     except NoSuchUser as e:
         raise CtlError(f"no such user: {e}") from e
+    except InvalidToken as e:
+        raise CtlError(f"{address}: the stored password does not decrypt with this store key") from e
     finally:
         db.close()
     print(f"password changed for {record.address} ({record.storage})")
@@ -180,20 +196,49 @@ def _user_show(cfg: Config, args: argparse.Namespace) -> int:
         raise CtlError(f"no such user: {address}")
     print(f"address: {record.address}")
     print(f"storage: {record.storage}")
+    print(f"scram:   {'yes' if record.scram else 'no'}")
     print(f"enabled: {'yes' if record.enabled else 'no'}")
     print(f"created: {_timestamp(record.created)}")
     print(f"changed: {_timestamp(record.changed)}")
+    usable, unusable = usable_methods(
+        cfg.security.methods,
+        record.storage,
+        record.scram is not None,
+        cfg.security.allow_ntlm_for_directory_users,
+    )
+    print(f"methods: {', '.join(usable) or 'none'}")
+    for method, reason in unusable:
+        print(f"cannot use {method}: {reason}")
     return 0
 
 
 def _check_config(cfg: Config, args: argparse.Namespace) -> int:
     print("configuration OK")
-    for warning in config_warnings(cfg):
+    for warning in config_warnings(cfg) + _user_warnings(cfg):
         print(f"warning: {warning}")
     problems = runtime_problems(cfg)
     for problem in problems:
         print(f"cannot start here: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _user_warnings(cfg: Config) -> list[str]:
+    """`method_warnings` for the users already in the DB, one line per storage class that is short."""
+    if not (cfg.store.path / "users.db").is_file():
+        return []
+    db = _userdb(cfg)
+    try:
+        records = db.list()
+    finally:
+        db.close()
+    classes = Counter((r.storage, r.scram is not None) for r in records if r.storage != "directory")
+    warnings = []
+    for (storage, has_scram), count in sorted(classes.items()):
+        who = f"{count} existing {storage} user{'s' if count != 1 else ''}"
+        if not has_scram:
+            who += " without SCRAM keys (set the password again; des: user passwd --keep-password)"
+        warnings.extend(method_warnings(cfg.security.methods, storage, has_scram, who))
+    return warnings
 
 
 def _dev_setup(cfg: Config, args: argparse.Namespace) -> int:
@@ -247,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def password_options(p: argparse.ArgumentParser) -> None:
+    def password_options(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument(
             "--password-stdin",
             action="store_true",
@@ -256,21 +301,27 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--storage",
             choices=("des", "sha"),
-            help="des: reversible, every method; sha: one-way, plaintext methods only "
-            "(default: security.password_storage)",
+            help="des: reversible, every method; sha: one-way, plaintext methods and SCRAM-SHA-256 "
+            f"only (default: {default})",
         )
 
     add = address_verb("add", _user_add, "create a user")
-    password_options(add)
+    password_options(add, "security.password_storage")
     add.add_argument(
         "--source",
         choices=("local", "directory"),
         default="local",
         help="directory: the user logs in with the Active Directory password (no local one)",
     )
-    password_options(address_verb("passwd", _user_passwd, "set a user's password"))
+    passwd = address_verb("passwd", _user_passwd, "set a user's password, or convert its storage class")
+    password_options(passwd, "the user's current storage")
+    passwd.add_argument(
+        "--keep-password",
+        action="store_true",
+        help="keep the current password (des users only), e.g. to convert with --storage sha",
+    )
     address_verb("del", _user_del, "delete a user from the user DB")
-    address_verb("show", _user_show, "show a user (never the password)")
+    address_verb("show", _user_show, "show a user and the login methods it can use (never the password)")
     address_verb("enable", lambda c, a: _set_enabled(c, a, True), "allow a disabled user to log in again")
     address_verb("disable", lambda c, a: _set_enabled(c, a, False), "refuse every login of a user")
     lst = user_verbs.add_parser("list", help="list users", description="List address, storage, enabled.")

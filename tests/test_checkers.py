@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import sqlite3
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
-from kms.auth.credentials import IPlaintextCredentials, PlaintextCredentials
+from kms.auth.credentials import IChallengeCredentials, IPlaintextCredentials, PlaintextCredentials
 from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure, UnknownUser
-from kms.auth.passwords import KEY_SIZE, StoreKey
+from kms.auth.mechanisms import CramMD5Credentials
+from kms.auth.passwords import KEY_SIZE, StoreKey, parse_scram
 from kms.clientinfo import ClientInfo
 from kms.store.users import UserDB
 
@@ -54,7 +56,9 @@ class LockedUserDB(UserDB):
         raise sqlite3.OperationalError("database is locked")
 
 
-class LocalUserCheckerTests(TestCase):
+class LocalUserFixture(TestCase):
+    """A real user DB with des, sha, disabled and directory users, and a real thread pool."""
+
     def setUp(self) -> None:
         store = Path(self.mktemp())
         store.mkdir()
@@ -71,15 +75,17 @@ class LocalUserCheckerTests(TestCase):
         self.addCleanup(self.pool.stop)
         self.checker = LocalUserChecker(self.db, self.key, self.pool, reactor, default_domain="Example.TEST")
 
-    async def fails(self, exc: type[E], c: PlaintextCredentials, checker: Any = None) -> E:
+    async def fails(self, exc: type[E], c: Any, checker: Any = None) -> E:
         """The exception ``checker`` (default: self.checker) fails with, which must be an ``exc``."""
         d: defer.Deferred[Any] = (checker or self.checker).requestAvatarId(c)
         error: E = await self.assertFailure(d, exc)
         return error
 
+
+class LocalUserCheckerTests(LocalUserFixture):
     def test_interface(self) -> None:
         verifyObject(ICredentialsChecker, self.checker)
-        self.assertEqual(self.checker.credentialInterfaces, (IPlaintextCredentials,))
+        self.assertEqual(self.checker.credentialInterfaces, (IPlaintextCredentials, IChallengeCredentials))
 
     async def test_right_password(self) -> None:
         """des and sha users log in; the avatar id is the canonical lower-case address."""
@@ -147,11 +153,11 @@ class LocalUserCheckerTests(TestCase):
         self.assertNotIsInstance(e, UnknownUser)
 
     async def test_timing_does_not_reveal_users(self) -> None:
-        """Unknown user, directory user and wrong des/sha passwords take about as long (best of 3)."""
+        """Unknown user, directory user and wrong des/sha passwords take about as long (best of 5)."""
 
         async def best(c: PlaintextCredentials) -> float:
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 t = time.perf_counter()
                 try:
                     await self.checker.requestAvatarId(c)
@@ -165,6 +171,94 @@ class LocalUserCheckerTests(TestCase):
             other = await best(creds(user, "nope"))
             self.assertLess(other, 2 * wrong_sha, user)
             self.assertLess(wrong_sha, 2 * other, user)
+
+
+def cram(username: str, password: str, challenge: bytes = b"<1.2@mx.example.test>") -> CramMD5Credentials:
+    """CRAM-MD5 credentials answering ``challenge`` with ``password``."""
+    digest = hmac.new(password.encode(), challenge, "md5").hexdigest().encode()
+    client = ClientInfo("192.0.2.7", 40000, "127.0.0.1", 2143, "imap")
+    return CramMD5Credentials(username, challenge, digest, client)
+
+
+class ChallengeCheckTests(LocalUserFixture):
+    """Challenge-response credentials through the same checker (CRAM-MD5 as the example)."""
+
+    async def test_right_answer(self) -> None:
+        self.assertEqual(await self.checker.requestAvatarId(cram("DES", "des-pw")), "des@example.test")
+
+    async def test_refusals(self) -> None:
+        """Each refusal carries the reason for the log; only the unknown moves the chain on."""
+        for c, reason in [
+            (cram("des@example.test", "nope"), "wrong password"),
+            (
+                cram("sha@example.test", "sha-pw"),
+                "CRAM-MD5 impossible for sha@example.test: password stored one-way",
+            ),
+            (cram("off@example.test", "off-pw"), "account disabled"),
+        ]:
+            e = await self.fails(AuthenticationFailed, c)
+            self.assertNotIsInstance(e, UnknownUser)
+            self.assertEqual(e.reason, reason)
+        for user in ("ghost@example.test", "ad@example.test", "not an address"):
+            await self.fails(UnknownUser, cram(user, "des-pw"))
+
+    async def test_server_faults_are_temporary(self) -> None:
+        """A des secret the key can't decrypt, corrupt SCRAM keys or a locked DB: try later."""
+        other = LocalUserChecker(self.db, StoreKey(bytes(KEY_SIZE)), self.pool, reactor)
+        await self.fails(TemporaryAuthFailure, cram("des@example.test", "des-pw"), other)
+        locked = LockedUserDB(self.db.path)
+        self.addCleanup(locked.close)
+        checker = LocalUserChecker(locked, self.key, self.pool, reactor)
+        await self.fails(TemporaryAuthFailure, cram("des@example.test", "des-pw"), checker)
+        raw = sqlite3.connect(self.db.path)
+        raw.execute("UPDATE users SET scram = 'SCRAM-SHA-256$1:AA==$bad' WHERE address = 'des@example.test'")
+        raw.commit()
+        raw.close()
+        e = await self.fails(TemporaryAuthFailure, cram("des@example.test", "des-pw"))
+        self.assertIn("SCRAM keys of des@example.test are corrupt", str(e))
+
+    async def test_timing_does_not_reveal_users_or_storage(self) -> None:
+        """A challenge answer costs what a password does: unknown user, impossible method, wrong
+        answer and a wrong sha password all take about as long (best of 5)."""
+
+        async def best(c: Any) -> float:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                try:
+                    await self.checker.requestAvatarId(c)
+                except AuthenticationFailed:
+                    pass
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        wrong_sha = await best(creds("sha@example.test", "nope"))
+        for c in (
+            cram("ghost@example.test", "x"),
+            cram("sha@example.test", "x"),
+            cram("des@example.test", "x"),
+        ):
+            other = await best(c)
+            self.assertLess(other, 2 * wrong_sha, c.username)
+            self.assertLess(wrong_sha, 2 * other, c.username)
+
+    async def test_scram_parameters(self) -> None:
+        """Real users get their stored salt; everyone else a stable made-up one, same iterations."""
+        stored = self.db.get("sha@example.test")
+        assert stored is not None and stored.scram is not None
+        real = await self.checker.scram_parameters("SHA")
+        self.assertEqual(real, (parse_scram(stored.scram).salt, parse_scram(stored.scram).iterations))
+        ghost = await self.checker.scram_parameters("ghost@example.test")
+        self.assertEqual(ghost, await self.checker.scram_parameters("Ghost@Example.Test"))
+        self.assertNotEqual(ghost[0], (await self.checker.scram_parameters("ghost2@example.test"))[0])
+        self.assertEqual(ghost[1], real[1])
+        for name in ("ad@example.test", "not an address", ""):
+            salt, iterations = await self.checker.scram_parameters(name)
+            self.assertEqual((len(salt), iterations), (len(real[0]), real[1]))
+        locked = LockedUserDB(self.db.path)
+        self.addCleanup(locked.close)
+        checker = LocalUserChecker(locked, self.key, self.pool, reactor)
+        await self.assertFailure(checker.scram_parameters("sha@example.test"), TemporaryAuthFailure)
 
 
 @implementer(ICredentialsChecker)

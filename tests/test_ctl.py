@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import io
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -234,6 +235,119 @@ class OtherVerbTests(CtlTestCase):
         self.addCleanup(server_db.close)
         self.run_ctl("user", "add", "new@example.test", "--password-stdin", stdin="pw\n")
         self.assertIsNotNone(server_db.get("new@example.test"))
+
+
+class MethodsAndStorageTests(CtlTestCase):
+    """user show explains the storage matrix; passwd converts; check-config warns about users."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.write_config('[security]\nmethods = ["CRAM-MD5", "SCRAM-SHA-256", "LOGIN"]\n')
+        self.run_ctl("user", "add", "des@example.test", "--storage", "des", "--password-stdin", stdin="pw\n")
+        self.run_ctl("user", "add", "sha@example.test", "--storage", "sha", "--password-stdin", stdin="pw\n")
+        self.run_ctl("user", "add", "ad@example.test", "--source", "directory")
+
+    def show(self, address: str) -> list[str]:
+        code, out, err = self.run_ctl("user", "show", address)
+        self.assertEqual((code, err), (0, ""))
+        return [line for line in out.splitlines() if line.startswith(("scram:", "methods:", "cannot"))]
+
+    def test_show_methods(self) -> None:
+        """SCRAM-SHA-256 first when enabled; plaintext commands follow LOGIN; APOP for des only."""
+        self.assertEqual(
+            self.show("des@example.test"),
+            ["scram:   yes", "methods: CRAM-MD5, SCRAM-SHA-256, LOGIN, IMAP-LOGIN, USER/PASS, APOP"],
+        )
+        self.assertEqual(
+            self.show("sha@example.test"),
+            [
+                "scram:   yes",
+                "methods: SCRAM-SHA-256, LOGIN, IMAP-LOGIN, USER/PASS",
+                "cannot use CRAM-MD5: password stored one-way",
+                "cannot use APOP: password stored one-way",
+            ],
+        )
+        directory = "directory users log in with a password checked by the directory"
+        self.assertEqual(
+            self.show("ad@example.test"),
+            [
+                "scram:   no",
+                "methods: LOGIN, IMAP-LOGIN, USER/PASS",
+                f"cannot use CRAM-MD5: {directory}",
+                f"cannot use SCRAM-SHA-256: {directory}",
+                f"cannot use APOP: {directory}",
+            ],
+        )
+
+    def test_passwd_keeps_or_converts_storage(self) -> None:
+        """Without --storage the class stays; --storage converts; --keep-password turns a des user
+        into a sha one without knowing the password, never the other way round."""
+        self.assertEqual(
+            self.run_ctl("user", "passwd", "sha@example.test", "--password-stdin", stdin="n\n")[0], 0
+        )
+        record = self.record("sha@example.test")
+        assert record is not None
+        self.assertEqual(record.storage, "sha")
+        code, out, _ = self.run_ctl(
+            "user", "passwd", "des@example.test", "--keep-password", "--storage", "sha"
+        )
+        self.assertEqual((code, out), (0, "password changed for des@example.test (sha)\n"))
+        record = self.record("des@example.test")
+        assert record is not None and record.scram is not None
+        self.assertEqual(record.storage, "sha")
+        self.assertTrue(check_password(record, "pw", self.key()))
+        code, _, err = self.run_ctl(
+            "user", "passwd", "des@example.test", "--keep-password", "--storage", "des"
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("stored one-way and cannot be kept", err)
+        code, _, err = self.run_ctl(
+            "user", "passwd", "sha@example.test", "--keep-password", "--password-stdin"
+        )
+        self.assertEqual(code, 1)
+        code, _, _ = self.run_ctl(
+            "user", "passwd", "des@example.test", "--storage", "des", "--password-stdin", stdin="back\n"
+        )
+        record = self.record("des@example.test")
+        assert record is not None
+        self.assertEqual((code, record.storage), (0, "des"))
+        self.assertTrue(check_password(record, "back", self.key()))
+
+    def test_keep_password_adds_scram_keys(self) -> None:
+        """A des user from before SCRAM keys gets them without a new password."""
+        raw = sqlite3.connect(self.store / "users.db")
+        raw.execute("UPDATE users SET scram = NULL")
+        raw.commit()
+        raw.close()
+        self.assertEqual(self.show("des@example.test")[0], "scram:   no")
+        self.assertEqual(self.run_ctl("user", "passwd", "des@example.test", "--keep-password")[0], 0)
+        self.assertEqual(self.show("des@example.test")[0], "scram:   yes")
+
+    def test_check_config_warns_about_existing_users(self) -> None:
+        code, out, _ = self.run_ctl("check-config")
+        self.assertEqual(code, 0)
+        self.assertIn(
+            "warning: security.methods: CRAM-MD5 cannot work for 1 existing sha user; "
+            "clients choosing them will fail to log in",
+            out,
+        )
+        raw = sqlite3.connect(self.store / "users.db")
+        raw.execute("UPDATE users SET scram = NULL")
+        raw.commit()
+        raw.close()
+        self.write_config('[security]\nmethods = ["CRAM-MD5", "SCRAM-SHA-256"]\npassword_storage = "sha"\n')
+        out = self.run_ctl("check-config")[1]
+        self.assertIn('CRAM-MD5 cannot work for new passwords (password_storage = "sha")', out)
+        self.assertIn("none of CRAM-MD5, SCRAM-SHA-256 works for 1 existing sha user without SCRAM keys", out)
+        self.assertIn("SCRAM-SHA-256 cannot work for 1 existing des user without SCRAM keys", out)
+
+    def test_check_config_without_users_db(self) -> None:
+        (self.store / "users.db").unlink()
+        self.write_config("[security]\nmethods = []\n")
+        code, out, _ = self.run_ctl("check-config")
+        self.assertEqual(code, 0)
+        self.assertIn("warning: security.methods: empty", out)
+        self.assertFalse((self.store / "users.db").exists())
 
 
 class CheckConfigTests(CtlTestCase):

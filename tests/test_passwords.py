@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import re
 import stat
@@ -24,6 +25,10 @@ from kms.auth.passwords import (
     dummy_verify,
     hash_password,
     parse_hash,
+    parse_scram,
+    saslprep,
+    scram_keys,
+    scram_keys_from_salted,
     verify_password,
 )
 
@@ -240,3 +245,92 @@ class HashTests(TestCase):
     def test_only_same_password_verifies(self, a: str, b: str) -> None:
         stored = hash_password(a, iterations=10)
         self.assertEqual(verify_password(stored, b), a == b)
+
+
+class ScramKeyTests(TestCase):
+    def test_rfc7677_keys(self) -> None:
+        """RFC 7677 §3 (user/pencil): the stored verifier checks the example's proof."""
+        salt = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+        keys = scram_keys_from_salted(hashlib.pbkdf2_hmac("sha256", b"pencil", salt, 4096), salt, 4096)
+        client_key = bytes(
+            a ^ b
+            for a, b in zip(
+                base64.b64decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="),
+                hmac.digest(keys.stored_key, RFC7677_AUTH_MESSAGE, "sha256"),
+                strict=True,
+            )
+        )
+        self.assertEqual(hashlib.sha256(client_key).digest(), keys.stored_key)
+        self.assertEqual(
+            base64.b64encode(hmac.digest(keys.server_key, RFC7677_AUTH_MESSAGE, "sha256")),
+            b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+        )
+
+    def test_encode_parse_round_trip(self) -> None:
+        keys = scram_keys("pencil", iterations=4096)
+        stored = keys.encode()
+        self.assertRegex(
+            stored, r"^SCRAM-SHA-256\$4096:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]{44}:[A-Za-z0-9+/=]{44}$"
+        )
+        self.assertEqual(parse_scram(stored), keys)
+        self.assertNotIn(base64.b64encode(keys.stored_key).decode(), repr(keys))
+        self.assertNotEqual(scram_keys("pencil", iterations=4096).salt, keys.salt)
+
+    def test_sasl_prepared(self) -> None:
+        """Keys are made from the SASLprep'd password, as RFC 5802 clients derive them."""
+        keys = scram_keys("I\u00adX", iterations=4096)
+        salted = hashlib.pbkdf2_hmac("sha256", b"IX", keys.salt, 4096)
+        self.assertEqual(scram_keys_from_salted(salted, keys.salt, 4096), keys)
+
+    def test_parse_errors(self) -> None:
+        good = scram_keys("pencil", iterations=4096).encode()
+        for bad in [
+            "",
+            good.replace("SCRAM-SHA-256", "SCRAM-SHA-1"),
+            good.replace("$4096:", "$0:"),
+            good.replace("$4096:", "$x:"),
+            good.rsplit(":", 1)[0],
+            good[:-4] + "!!!=",
+            good.rsplit(":", 1)[0] + ":AAAA",
+            "SCRAM-SHA-256$4096:$" + good.split("$")[2],
+        ]:
+            self.assertRaises(ValueError, parse_scram, bad)
+
+    def test_fake_salt(self) -> None:
+        """Stable per name and key, different across names and keys, as long as a real salt."""
+        other = StoreKey(bytes(KEY_SIZE))
+        self.assertEqual(_FIXED_KEY.fake_salt("ghost"), _FIXED_KEY.fake_salt("ghost"))
+        self.assertNotEqual(_FIXED_KEY.fake_salt("ghost"), _FIXED_KEY.fake_salt("ghost2"))
+        self.assertNotEqual(_FIXED_KEY.fake_salt("ghost"), other.fake_salt("ghost"))
+        self.assertEqual(len(_FIXED_KEY.fake_salt("ghost")), len(scram_keys("x", iterations=1).salt))
+
+
+class SASLprepTests(TestCase):
+    def test_rfc4013_examples(self) -> None:
+        """RFC 4013 §3's table, plus the space mapping."""
+        for text, expected in [
+            ("I\u00adX", "IX"),
+            ("user", "user"),
+            ("USER", "USER"),
+            ("\u00aa", "a"),
+            ("\u2168", "IX"),
+            ("a\u00a0b", "a b"),
+        ]:
+            self.assertEqual(saslprep(text), expected, text)
+        for text in ["\u0007", "\u0627\u0031", "a\u0627", "\ufffe", "\U000e0001"]:
+            self.assertRaises(ValueError, saslprep, text)
+        self.assertEqual(saslprep("\u0627\u0031\u0628"), "\u0627\u0031\u0628")
+
+    @given(st.text(max_size=40))
+    def test_never_crashes(self, text: str) -> None:
+        try:
+            result = saslprep(text)
+        except ValueError:
+            return
+        self.assertEqual(saslprep(result), result)
+
+
+RFC7677_AUTH_MESSAGE = (
+    b"n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+)

@@ -302,9 +302,10 @@ class LoginTests(TestCase):
 
 class SASLEngineTests(TestCase):
     def test_available_in_configured_order(self) -> None:
-        """Configured order wins; unimplemented names are skipped; case and duplicates don't matter."""
-        engine = SASLEngine(["CRAM-MD5", "login", "NTLM", "PLAIN", "Login"])
-        self.assertEqual(engine.available(_client()), ["LOGIN", "PLAIN"])
+        """Configured order wins, but SCRAM-SHA-256 comes first; unimplemented names are skipped;
+        case and duplicates don't matter."""
+        engine = SASLEngine(["CRAM-MD5", "login", "X-UNKNOWN", "PLAIN", "Login", "scram-sha-256"])
+        self.assertEqual(engine.available(_client()), ["SCRAM-SHA-256", "CRAM-MD5", "LOGIN", "PLAIN"])
         self.assertEqual(SASLEngine(["PLAIN", "LOGIN"]).available(_client()), ["PLAIN", "LOGIN"])
         self.assertEqual(SASLEngine([]).available(_client()), [])
 
@@ -318,7 +319,7 @@ class SASLEngineTests(TestCase):
     def test_create_unavailable(self) -> None:
         """Unknown and disabled mechanisms are both unavailable."""
         engine = SASLEngine(["PLAIN", "CRAM-MD5"])
-        for name in ["LOGIN", "CRAM-MD5", "X-UNKNOWN", ""]:
+        for name in ["LOGIN", "DIGEST-MD5", "X-UNKNOWN", ""]:
             error = self.assertRaises(MechanismUnavailable, engine.create, name, RecordingSession())
             self.assertNotIsInstance(error, EncryptionRequired)
 

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -29,7 +29,7 @@ from kms.auth.errors import (
 )
 from kms.auth.passwords import StoreKey
 from kms.auth.realm import IMailUser, MailUser, Realm
-from kms.auth.sasl import Authenticated, SASLEngine
+from kms.auth.sasl import Authenticated, SASLEngine, StepOutOfOrder
 from kms.auth.session import LoginSession
 from kms.clientinfo import ClientInfo
 from kms.logs import Logs
@@ -103,14 +103,14 @@ class LoginSessionTests(TestCase):
         )
 
     def security_log(self) -> list[str]:
-        """Each security.log line without timestamp, session id, listener and client address."""
+        """Each security.log line without timestamp, session id, listener, client address and protocol."""
         lines = (self.store / "logs" / "security.log").read_text().splitlines()
-        connection = (self.client.session_id, "submission", "[192.0.2.7]")
+        connection = (self.client.session_id, "submission", "[192.0.2.7]", "protocol=smtp")
         tails = []
         for line in lines:
-            _when, session_id, listener, peer, tail = line.split(" ", 4)
-            self.assertEqual((session_id, listener, peer), connection)
-            tails.append(tail)
+            _when, session_id, listener, peer, event, protocol, tail = line.split(" ", 6)
+            self.assertEqual((session_id, listener, peer, protocol), connection)
+            tails.append(f"{event} {tail}")
         return tails
 
     def refused(self, d: Deferred[Any]) -> AuthenticationFailed:
@@ -129,7 +129,7 @@ class LoginSessionTests(TestCase):
         result = self.successResultOf(mechanism.step(f"\0Bob\0{PASSWORD}".encode()))
         self.assertEqual(result, Authenticated("bob@example.test", MailUser("bob@example.test")))
         self.assertEqual(self.client.identity, "bob@example.test")
-        self.assertEqual(self.security_log(), ["login user=bob@example.test method=PLAIN"])
+        self.assertEqual(self.security_log(), ["login user=Bob identity=bob@example.test method=PLAIN"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_login_mechanism_success(self) -> None:
@@ -138,14 +138,16 @@ class LoginSessionTests(TestCase):
         self.successResultOf(mechanism.step(b"bob@example.test"))
         result = self.successResultOf(mechanism.step(PASSWORD.encode()))
         self.assertEqual(result, Authenticated("bob@example.test", MailUser("bob@example.test")))
-        self.assertEqual(self.security_log(), ["login user=bob@example.test method=LOGIN"])
+        self.assertEqual(
+            self.security_log(), ["login user=bob@example.test identity=bob@example.test method=LOGIN"]
+        )
 
     def test_login_plaintext_success(self) -> None:
         """IMAP LOGIN / POP3 USER+PASS take the same path, under their own method name."""
         result = self.successResultOf(self.session.login_plaintext("bob", PASSWORD, "IMAP-LOGIN"))
         self.assertEqual(result.identity, "bob@example.test")
         self.assertEqual(self.client.identity, "bob@example.test")
-        self.assertEqual(self.security_log(), ["login user=bob@example.test method=IMAP-LOGIN"])
+        self.assertEqual(self.security_log(), ["login user=bob identity=bob@example.test method=IMAP-LOGIN"])
 
     def test_failures_are_indistinguishable(self) -> None:
         """Unknown user, wrong password, disabled account and empty password look the same to the
@@ -234,6 +236,61 @@ class LoginSessionTests(TestCase):
         self.successResultOf(session.login_plaintext("bob", PASSWORD, "IMAP-LOGIN"))
         self.assertEqual(released, ["bob@example.test"])
         self.assertEqual(self.client.identity, "bob@example.test")
+
+    def test_verify_then_commit(self) -> None:
+        """verify checks without logging in; commit logs in with exactly that result, once."""
+        released: list[str] = []
+        session = self._session(realm=Realm({IMailUser: lambda a: (MailUser(a), lambda: released.append(a))}))
+        credentials = PlaintextCredentials("bob", PASSWORD, "PLAIN", self.client)
+        verified = self.successResultOf(session.verify(credentials))
+        self.assertIsNone(self.client.identity)
+        self.assertEqual(self.security_log(), [])
+        self.assertRaises(StepOutOfOrder, session.commit, Authenticated("bob@example.test"))
+        verified = self.successResultOf(session.verify(credentials))  # the first one is abandoned
+        self.assertEqual(released, ["bob@example.test"])
+        self.assertIs(session.commit(verified), verified)
+        self.assertEqual(self.client.identity, "bob@example.test")
+        self.assertRaises(StepOutOfOrder, session.commit, verified)
+        self.assertEqual(
+            self.security_log(),
+            [
+                'login-abandoned user=bob method=PLAIN reason="client did not accept the server\'s proof"',
+                "login user=bob identity=bob@example.test method=PLAIN",
+            ],
+        )
+
+    def test_logout_releases_verified(self) -> None:
+        released: list[str] = []
+        session = self._session(realm=Realm({IMailUser: lambda a: (MailUser(a), lambda: released.append(a))}))
+        self.successResultOf(session.verify(PlaintextCredentials("bob", PASSWORD, "PLAIN", self.client)))
+        session.logout()
+        session.logout()
+        self.assertEqual(released, ["bob@example.test"])
+        self.assertEqual(len(self.security_log()), 1)
+
+    def test_scram_lookup_trouble_is_temporary(self) -> None:
+        """No lookup, a temporary one or a bug: "try later", logged, never a wrong password."""
+        self.failureResultOf(self.session.scram_parameters("bob", "SCRAM-SHA-256"), TemporaryAuthFailure)
+        portal = Portal(Realm(), [])
+        for error in (TemporaryAuthFailure("user database: locked"), ZeroDivisionError("bug")):
+            session = LoginSession(
+                portal,
+                SASLEngine([]),
+                self.client,
+                self.logs,
+                clock=self.clock,
+                scram_lookup=lambda u, error=error: fail(error),
+            )
+            self.failureResultOf(session.scram_parameters("bob", "SCRAM-SHA-256"), TemporaryAuthFailure)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(
+            self.security_log(),
+            [
+                'login-tempfail user=bob method=SCRAM-SHA-256 reason="no SCRAM lookup configured"',
+                'login-tempfail user=bob method=SCRAM-SHA-256 reason="user database: locked"',
+                "login-tempfail user=bob method=SCRAM-SHA-256 reason=bug",
+            ],
+        )
 
     def test_mechanisms_follow_tls(self) -> None:
         """What is offered is re-evaluated on each call, so STARTTLS can change it."""

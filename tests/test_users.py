@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import stat
 import threading
@@ -11,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from kms.auth.passwords import KEY_SIZE, InvalidToken, StoreKey
+from kms.auth.passwords import (
+    KEY_SIZE,
+    InvalidToken,
+    StoreKey,
+    parse_hash,
+    parse_scram,
+    scram_keys_from_salted,
+)
 from kms.store.users import (
     SCHEMA_VERSION,
     DuplicateUser,
@@ -22,6 +30,7 @@ from kms.store.users import (
     make_secret,
     normalize_address,
     reversible_password,
+    user_secrets,
 )
 
 
@@ -60,7 +69,9 @@ class UserDBTests(TestCase):
         added = self.db.add("Alice@Example.TEST", "pw", "sha", self.key)
         self.assertEqual(added.address, "alice@example.test")
         got = self.db.get("ALICE@example.test")
-        self.assertEqual(got, UserRecord("alice@example.test", "sha", added.secret, True, 1000.0, 1000.0))
+        self.assertEqual(
+            got, UserRecord("alice@example.test", "sha", added.secret, True, 1000.0, 1000.0, added.scram)
+        )
         self.assertIsNone(self.db.get("bob@example.test"))
 
     def test_duplicate(self) -> None:
@@ -204,6 +215,62 @@ class UserDBTests(TestCase):
         e = self.assertRaises(sqlite3.DatabaseError, UserDB, self.path)
         self.assertIn("newer", str(e))
 
+    def test_scram_keys_stored_with_every_password(self) -> None:
+        """des and sha users get SCRAM keys; sha ones reuse the hash's salt and iterations; a new
+        password brings new keys; directory users have none."""
+        des = self.db.add("des@example.test", "pw", "des", self.key)
+        sha = self.db.add("sha@example.test", "pw", "sha", self.key)
+        ad = self.db.add("ad@example.test", None, "directory", self.key)
+        assert des.scram is not None and sha.scram is not None
+        self.assertIsNone(ad.scram)
+        h = parse_hash(sha.secret)
+        self.assertEqual(parse_scram(sha.scram), scram_keys_from_salted(h.salted, h.salt, h.iterations))
+        des_keys = parse_scram(des.scram)
+        salted = hashlib.pbkdf2_hmac("sha256", b"pw", des_keys.salt, des_keys.iterations)
+        self.assertEqual(scram_keys_from_salted(salted, des_keys.salt, des_keys.iterations), des_keys)
+        changed = self.db.set_password("des@example.test", "pw", "des", self.key)
+        self.assertNotEqual(changed.scram, des.scram)
+        self.assertNotIn(des.scram, repr(des))
+        self.assertEqual(self.db.get("des@example.test"), changed)
+
+    def test_user_secrets(self) -> None:
+        des = self.db.add("des@example.test", "pw", "des", self.key)
+        sha = self.db.add("sha@example.test", "pw", "sha", self.key)
+        self.assertEqual(user_secrets(des, self.key).plaintext, "pw")
+        self.assertEqual(user_secrets(des, self.key).scram, parse_scram(des.scram or ""))
+        self.assertIsNone(user_secrets(sha, self.key).plaintext)
+        self.assertNotIn("pw", repr(user_secrets(des, self.key)))
+        old = UserRecord(sha.address, "sha", sha.secret, True, 0.0, 0.0, None)
+        self.assertIsNone(user_secrets(old, self.key).scram)
+        broken = UserRecord(sha.address, "sha", sha.secret, True, 0.0, 0.0, "SCRAM-SHA-256$1:$x:y")
+        self.assertRaises(ValueError, user_secrets, broken, self.key)
+
+    def test_migrates_version_1(self) -> None:
+        """A store from before SCRAM keys opens, keeps its users (without keys) and gains the column."""
+        old = self.dir / "old.db"
+        raw = sqlite3.connect(old)
+        raw.execute(
+            "CREATE TABLE users (address TEXT PRIMARY KEY NOT NULL, storage TEXT NOT NULL CHECK"
+            " (storage IN ('des', 'sha', 'directory')), secret TEXT NOT NULL, enabled INTEGER NOT NULL"
+            " DEFAULT 1, created REAL NOT NULL, changed REAL NOT NULL) WITHOUT ROWID"
+        )
+        secret, _ = make_secret("a@example.test", "pw", "sha", self.key)
+        raw.execute("INSERT INTO users VALUES ('a@example.test', 'sha', ?, 1, 1.0, 2.0)", (secret,))
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+        raw.close()
+        db = UserDB(old)
+        self.addCleanup(db.close)
+        record = db.get("a@example.test")
+        assert record is not None
+        self.assertIsNone(record.scram)
+        self.assertTrue(check_password(record, "pw", self.key))
+        self.assertIsNotNone(db.set_password("a@example.test", "pw", "sha", self.key).scram)
+        raw = sqlite3.connect(old)
+        self.addCleanup(raw.close)
+        self.assertEqual(raw.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.assertEqual(SCHEMA_VERSION, 2)
+
     def test_rejects_bad_address(self) -> None:
         self.assertRaises(ValueError, self.db.add, "no-at-sign", "pw", "sha", self.key)
         self.assertRaises(ValueError, self.db.get, "a b@example.test")
@@ -214,7 +281,8 @@ class PasswordCheckTests(TestCase):
         self.key = StoreKey(bytes(KEY_SIZE))
 
     def record(self, address: str, password: str, storage: str) -> UserRecord:
-        return UserRecord(address, storage, make_secret(address, password, storage, self.key), True, 0.0, 0.0)
+        secret, scram = make_secret(address, password, storage, self.key)
+        return UserRecord(address, storage, secret, True, 0.0, 0.0, scram)
 
     def test_des(self) -> None:
         r = self.record("a@example.test", "Pässwörd", "des")

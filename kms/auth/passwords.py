@@ -8,6 +8,10 @@ associated data, so a token copied onto another user's row does not decrypt.
 so it can be raised later without breaking old hashes, and salt + iterations are exactly SCRAM-SHA-256's
 ``Hi(password, salt, i)``: SCRAM keys can be derived from a stored hash without the plaintext.
 
+SCRAM-SHA-256 keys (RFC 5802 §3: StoredKey, ServerKey) are stored beside every password, whatever
+its class, so one-way users also have a challenge-response method.  For ``sha`` they reuse the
+hash's salt and iterations (no second PBKDF2, and no cheaper target for an offline attack).
+
 Everything here is CPU-bound and synchronous; callers run it in a thread pool, never on the reactor.
 """
 
@@ -20,7 +24,9 @@ import hmac
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+import stringprep
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -57,12 +63,14 @@ def _unb64(text: str) -> bytes:
 class StoreKey:
     """The 32-byte secret that makes ``des`` passwords reversible; its bytes never appear in repr."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_mac_key")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise StoreKeyError(f"store key must be {KEY_SIZE} bytes, not {len(key)}")
         self._aead = AESGCM(key)
+        # A separate key for MACs, so the AES key is never used for two purposes.
+        self._mac_key = hmac.new(key, b"kms fake scram salt v1", hashlib.sha256).digest()
 
     def __repr__(self) -> str:
         return "<StoreKey>"
@@ -113,6 +121,14 @@ class StoreKey:
         if len(data) != KEY_SIZE:
             raise StoreKeyError(f"{path}: expected {KEY_SIZE} bytes, found {len(data)}")
         return cls(data)
+
+    def fake_salt(self, name: str) -> bytes:
+        """A salt for a user that has none (unknown, no SCRAM keys): stable per name, unguessable.
+
+        SCRAM's first server message carries the salt; a random one per attempt, or none, would
+        tell a client which accounts exist.
+        """
+        return hmac.new(self._mac_key, name.encode("utf-8"), hashlib.sha256).digest()[:_SALT_SIZE]
 
     def encrypt(self, plaintext: str, context: str) -> str:
         """A ``v1$<nonce>$<ciphertext>`` token that only decrypts with this key and this ``context``."""
@@ -221,3 +237,90 @@ def dummy_verify(password: str) -> bool:
     """
     hmac.compare_digest(_pbkdf2(password, _DUMMY_SALT, DEFAULT_ITERATIONS), bytes(_HASH_SIZE))
     return False
+
+
+SCRAM_SCHEME = "SCRAM-SHA-256"
+
+
+@dataclass(frozen=True)
+class ScramKeys:
+    """A user's SCRAM-SHA-256 verifier (RFC 5802 §3): enough to check a proof, not to make one."""
+
+    iterations: int
+    salt: bytes
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+    def encode(self) -> str:
+        """The stored form ``SCRAM-SHA-256$<iterations>:<b64 salt>$<b64 StoredKey>:<b64 ServerKey>``."""
+        return (
+            f"{SCRAM_SCHEME}${self.iterations}:{_b64(self.salt)}"
+            f"${_b64(self.stored_key)}:{_b64(self.server_key)}"
+        )
+
+
+def parse_scram(stored: str) -> ScramKeys:
+    """Split stored SCRAM keys; `ValueError` when they are not what `ScramKeys.encode` writes."""
+    scheme, _, rest = stored.partition("$")
+    params, _, keys = rest.partition("$")
+    iterations, _, salt = params.partition(":")
+    stored_key, _, server_key = keys.partition(":")
+    if scheme != SCRAM_SCHEME or not iterations.isdigit() or int(iterations) < 1:
+        raise ValueError("not SCRAM-SHA-256 keys")
+    try:
+        decoded = [_unb64(part) for part in (salt, stored_key, server_key)]
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError("bad base64 in SCRAM keys") from e
+    if not decoded[0] or any(len(k) != _HASH_SIZE for k in decoded[1:]):
+        raise ValueError("implausible SCRAM keys")
+    return ScramKeys(int(iterations), *decoded)
+
+
+def scram_keys_from_salted(salted: bytes, salt: bytes, iterations: int) -> ScramKeys:
+    """The verifier for a SaltedPassword ``Hi(password, salt, iterations)`` (RFC 5802 §3)."""
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    return ScramKeys(iterations, salt, hashlib.sha256(client_key).digest(), server_key)
+
+
+def scram_keys(password: str, iterations: int = DEFAULT_ITERATIONS) -> ScramKeys:
+    """New SCRAM keys with a fresh salt (one PBKDF2: run off the reactor).
+
+    RFC 5802 §2.2 has clients SASLprep the password; one SASLprep refuses (control characters)
+    is used as it is, which no conforming client will match, so SCRAM simply fails for it.
+    """
+    try:
+        password = saslprep(password)
+    except ValueError:
+        pass
+    salt = secrets.token_bytes(_SALT_SIZE)
+    return scram_keys_from_salted(_pbkdf2(password, salt, iterations), salt, iterations)
+
+
+_PROHIBITED = (
+    stringprep.in_table_c12,
+    stringprep.in_table_c21_c22,
+    stringprep.in_table_c3,
+    stringprep.in_table_c4,
+    stringprep.in_table_c5,
+    stringprep.in_table_c6,
+    stringprep.in_table_c7,
+    stringprep.in_table_c8,
+    stringprep.in_table_c9,
+)
+
+
+def saslprep(text: str) -> str:
+    """RFC 4013 SASLprep for stored strings (no unassigned code points); `ValueError` if prohibited."""
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    result = unicodedata.normalize("NFKC", mapped)
+    for c in result:
+        if any(prohibited(c) for prohibited in _PROHIBITED) or stringprep.in_table_a1(c):
+            raise ValueError(f"SASLprep prohibits U+{ord(c):04X}")
+    if any(stringprep.in_table_d1(c) for c in result):
+        # RFC 3454 §6: right-to-left text must start and end with RandALCat, and hold no LCat.
+        if not (stringprep.in_table_d1(result[0]) and stringprep.in_table_d1(result[-1])):
+            raise ValueError("SASLprep: right-to-left string must start and end with RandALCat")
+        if any(stringprep.in_table_d2(c) for c in result):
+            raise ValueError("SASLprep: mixed right-to-left and left-to-right text")
+    return result

@@ -1,8 +1,9 @@
 """The embedded user database: one SQLite file, ``<store>/users.db``, shared by the server and kmsctl.
 
 WAL mode and a busy timeout let kmsctl change users while the server reads them.  The schema is
-versioned with ``PRAGMA user_version`` and created on first use inside one immediate transaction,
-so two processes opening a new store at once do not both create it.  Calls block (disk, and the
+versioned with ``PRAGMA user_version`` and created or upgraded on first use inside one immediate
+transaction, so two processes opening a store at once do not both change it.  Version 2 added SCRAM
+keys: users from before have none until their password is next set.  Calls block (disk, and the
 password hashing in `add`/`set_password`): the server makes them from a thread pool.
 """
 
@@ -18,22 +19,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kms.auth.passwords import StoreKey, hash_password, verify_password
+from kms.auth.credentials import UserSecrets
+from kms.auth.passwords import (
+    ScramKeys,
+    StoreKey,
+    hash_password,
+    parse_hash,
+    parse_scram,
+    scram_keys,
+    scram_keys_from_salted,
+    verify_password,
+)
 
 STORAGES = ("des", "sha", "directory")
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE users (
-    address TEXT PRIMARY KEY NOT NULL,
-    storage TEXT NOT NULL CHECK (storage IN ('des', 'sha', 'directory')),
-    secret  TEXT NOT NULL,
-    enabled INTEGER NOT NULL DEFAULT 1,
-    created REAL NOT NULL,
-    changed REAL NOT NULL
-) WITHOUT ROWID
-"""
-_COLUMNS = "address, storage, secret, enabled, created, changed"
+# Each entry takes the schema from its index to the next version, in one transaction.
+_MIGRATIONS = (
+    """
+    CREATE TABLE users (
+        address TEXT PRIMARY KEY NOT NULL,
+        storage TEXT NOT NULL CHECK (storage IN ('des', 'sha', 'directory')),
+        secret  TEXT NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created REAL NOT NULL,
+        changed REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "ALTER TABLE users ADD COLUMN scram TEXT",
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+_COLUMNS = "address, storage, secret, enabled, created, changed, scram"
 
 _MAX_ADDRESS = 254
 _MAX_LOCAL = 64
@@ -52,7 +66,7 @@ class NoSuchUser(LookupError):
 
 @dataclass(frozen=True)
 class UserRecord:
-    """One row of the user DB; ``secret`` (a des token or sha hash) stays out of repr."""
+    """One row of the user DB; ``secret`` (a des token or sha hash) and ``scram`` stay out of repr."""
 
     address: str
     storage: str
@@ -60,6 +74,7 @@ class UserRecord:
     enabled: bool
     created: float
     changed: float
+    scram: str | None = field(default=None, repr=False)  # `ScramKeys.encode`; None before schema 2
 
 
 def normalize_address(address: str) -> str:
@@ -94,19 +109,24 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
-def make_secret(address: str, password: str | None, storage: str, key: StoreKey) -> str:
-    """What `UserDB` stores for ``password`` under ``storage`` (slow for ``sha``: run off the reactor)."""
+def make_secret(address: str, password: str | None, storage: str, key: StoreKey) -> tuple[str, str | None]:
+    """What `UserDB` stores for ``password`` under ``storage``: the secret and the SCRAM keys.
+
+    Slow (one PBKDF2): run it off the reactor.
+    """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
     if storage == "directory":
         if password is not None:
             raise ValueError("directory users have no local password")
-        return ""
+        return "", None
     if not password:
         raise ValueError("password must not be empty")
     if storage == "des":
-        return key.encrypt(password, address)
-    return hash_password(password)
+        return key.encrypt(password, address), scram_keys(password).encode()
+    stored = hash_password(password)
+    h = parse_hash(stored)
+    return stored, scram_keys_from_salted(h.salted, h.salt, h.iterations).encode()
 
 
 def check_password(record: UserRecord, password: str, key: StoreKey) -> bool:
@@ -130,9 +150,21 @@ def reversible_password(record: UserRecord, key: StoreKey) -> str | None:
     return key.decrypt(record.secret, record.address)
 
 
-def _record(row: tuple[str, str, str, int, float, float]) -> UserRecord:
-    address, storage, secret, enabled, created, changed = row
-    return UserRecord(address, storage, secret, bool(enabled), created, changed)
+def user_secrets(record: UserRecord, key: StoreKey) -> UserSecrets:
+    """What a challenge-response check can use for this user (`kms.auth.credentials`).
+
+    `InvalidToken` (des secret from another key) and ValueError (corrupt SCRAM keys) propagate:
+    both are server faults, never a wrong password.
+    """
+    scram: ScramKeys | None = None
+    if record.scram is not None and record.storage != "directory":
+        scram = parse_scram(record.scram)
+    return UserSecrets(record.address, reversible_password(record, key), scram)
+
+
+def _record(row: tuple[str, str, str, int, float, float, str | None]) -> UserRecord:
+    address, storage, secret, enabled, created, changed, scram = row
+    return UserRecord(address, storage, secret, bool(enabled), created, changed, scram)
 
 
 class UserDB:
@@ -178,30 +210,31 @@ class UserDB:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"{self.path}: schema version {version} is newer than this kms")
-            if version == 0:
-                db.execute(_SCHEMA)
+            for step in _MIGRATIONS[version:]:
+                db.execute(step)
+            if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def add(self, address: str, password: str | None, storage: str, key: StoreKey) -> UserRecord:
         """Create a user (``password`` None for directory users); `DuplicateUser` if the address is taken."""
         address = normalize_address(address)
-        secret = make_secret(address, password, storage, key)
+        secret, scram = make_secret(address, password, storage, key)
         now = self._now()
         try:
             with self._transaction() as db:
                 db.execute(
-                    f"INSERT INTO users ({_COLUMNS}) VALUES (?, ?, ?, 1, ?, ?)",
-                    (address, storage, secret, now, now),
+                    f"INSERT INTO users ({_COLUMNS}) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    (address, storage, secret, now, now, scram),
                 )
         except sqlite3.IntegrityError as e:
             raise DuplicateUser(address) from e
-        return UserRecord(address, storage, secret, True, now, now)
+        return UserRecord(address, storage, secret, True, now, now, scram)
 
     def set_password(self, address: str, password: str | None, storage: str, key: StoreKey) -> UserRecord:
-        """Replace a user's password (and storage class); `NoSuchUser` if there is none."""
+        """Replace a user's password, SCRAM keys and storage class; `NoSuchUser` if there is none."""
         address = normalize_address(address)
-        secret = make_secret(address, password, storage, key)
-        return self._update(address, "storage = ?, secret = ?", (storage, secret))
+        secret, scram = make_secret(address, password, storage, key)
+        return self._update(address, "storage = ?, secret = ?, scram = ?", (storage, secret, scram))
 
     def set_enabled(self, address: str, enabled: bool) -> UserRecord:
         """Enable or disable an account (a disabled one cannot log in, whatever the password)."""
