@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.ntlm import NTLM
 from kms.auth.passwords import StoreKey
+from kms.auth.policy import SecurityPolicy, engine_policy
 from kms.auth.realm import Realm
 from kms.auth.sasl import SASLEngine
 from kms.auth.session import LoginSession
@@ -155,11 +158,12 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     users = UserDB(paths.users_db)
     key = StoreKey.load_or_create(paths.store_key)
     default_domain = cfg.domains.local[0]
-    checker = CompositeChecker(
-        [LocalUserChecker(users, key, auth_pool, reactor, default_domain=default_domain)]
-    )
+    local_users = LocalUserChecker(users, key, auth_pool, reactor, default_domain=default_domain)
+    checker = CompositeChecker([local_users])
     portal = Portal(Realm(), [checker])
-    engine = SASLEngine(cfg.security.methods)
+    policy = SecurityPolicy(cfg.security.policy, cfg.group(cfg.security.exception_group))
+    ntlm = partial(NTLM, allow_v1=cfg.security.allow_ntlmv1)
+    engine = SASLEngine(cfg.security.methods, engine_policy(policy), factories={"NTLM": ntlm})
 
     writer = MaildirWriter(reactor)
     _Stoppable("maildir-writer", writer.start, writer.stop).setServiceParent(top)
@@ -186,7 +190,15 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     )
 
     def session_factory(client: ClientInfo) -> LoginSession:
-        return LoginSession(portal, engine, client, logs, clock=reactor)
+        return LoginSession(
+            portal,
+            engine,
+            client,
+            logs,
+            clock=reactor,
+            hostname=cfg.server.hostname,
+            scram_lookup=local_users.scram_parameters,
+        )
 
     tls_context: Any = None
     if cfg.tls.certificate and cfg.tls.private_key:
@@ -221,7 +233,11 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         starttls = None if implicit else tls_context
         if name.startswith("pop3"):
             pop3 = POP3Settings(
-                hostname=cfg.server.hostname, listener=name, implicit_tls=implicit, banner_product=product
+                hostname=cfg.server.hostname,
+                listener=name,
+                implicit_tls=implicit,
+                banner_product=product,
+                policy=policy,
             )
             factory = POP3Factory(
                 pop3, mail_store.account, session_factory, starttls, clock=reactor, logs=logs
@@ -233,6 +249,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
                 implicit_tls=implicit,
                 hide_version=cfg.misc.hide_version,
                 append_limit=cfg.smtp.max_message_size,
+                policy=policy,
             )
             factory = IMAPFactory(
                 imap, mail_store.account, session_factory, starttls, clock=reactor, logs=logs

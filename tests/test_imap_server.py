@@ -26,11 +26,14 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure
+from kms.auth.policy import SecurityPolicy, engine_policy
 from kms.auth.sasl import Authenticated, SASLEngine, plaintext_login
 from kms.clientinfo import ClientInfo
+from kms.imap import server as imap_server
 from kms.imap.message import analyze
 from kms.imap.parser import MAX_LINE, list_matcher
 from kms.imap.server import IMAPFactory, IMAPServer, IMAPSettings, list_selection
+from kms.ipgroups import parse_group
 from kms.store.interfaces import FolderEvent, FolderListing, FolderStatus, MailboxError, MessageInfo
 from kms.wireform import header_section
 
@@ -203,6 +206,18 @@ class FakeView:
             return d
         return succeed(body)
 
+    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        self.account.opened.extend(uids)
+        if self.account.read_error is not None:
+            return fail(self.account.read_error)
+        present = {m.uid for m in self.folder.messages}
+        bodies = {uid: self.folder.bodies[uid] for uid in uids if uid in present}
+        if self.account.hold_reads:
+            d: Deferred[dict[int, bytes]] = Deferred()
+            self.account.held_reads.append((d, bodies))
+            return d
+        return succeed(bodies)
+
     def close(self) -> None:
         self.closed = True
         self.folder.views.remove(self)
@@ -216,7 +231,8 @@ class FakeAccount:
         self.views: list[FakeView] = []
         self.copy_fails = False
         self.hold_reads = False
-        self.held_reads: list[tuple[Deferred[bytes], bytes]] = []
+        self.read_error: Exception | None = None
+        self.held_reads: list[tuple[Deferred[Any], Any]] = []
         self.folders: dict[str, Folder] = {}
         for index, (name, attributes) in enumerate(
             [("INBOX", ()), ("Sent", ("\\Sent",)), ("Trash", ("\\Trash",)), ("été", ()), ("a/b", ())]
@@ -346,12 +362,16 @@ class RecordingLogs:
     def __init__(self) -> None:
         self.debugs: list[tuple[str, str, dict[str, object]]] = []
         self.errors: list[tuple[str, dict[str, object]]] = []
+        self.securities: list[tuple[str, dict[str, object]]] = []
 
     def debug(self, category: str, event: str, client: ClientInfo | None = None, **fields: object) -> None:
         self.debugs.append((category, event, fields))
 
     def error(self, event: str, client: ClientInfo | None = None, **fields: object) -> None:
         self.errors.append((event, fields))
+
+    def security(self, event: str, client: ClientInfo | None = None, **fields: object) -> None:
+        self.securities.append((event, fields))
 
 
 class FakeSocket:
@@ -756,6 +776,108 @@ class StartTLSTests(IMAPTestCase):
         self.assertEqual(conn.send(b"t STARTTLS\r\n"), b"t NO TLS not available\r\n")
         conn = self.login()
         self.assertEqual(conn.send(b"t STARTTLS\r\n"), b"t BAD STARTTLS: not valid in this state\r\n")
+
+
+class SecurityPolicyTests(IMAPTestCase):
+    """SPEC §5 on IMAP: the real policy, in the settings for LOGIN and the ``encrypted`` command
+    restrictions, and through the real engine for AUTHENTICATE (as `kms.service` wires it)."""
+
+    group = parse_group(["10.0.0.0/8"])
+    engine_policy: SecurityPolicy | None = None  # set: sessions use the real engine with it
+
+    def policy_connect(self, level: str, peer: str = "198.51.100.7", **changes: Any) -> Conn:
+        self.engine_policy = SecurityPolicy(level, self.group)
+        protocol = self.make_factory(policy=self.engine_policy, **changes).buildProtocol(None)
+        transport = Transport()
+        transport.peerAddr = IPv4Address("TCP", peer, 40000)
+        protocol.makeConnection(transport)
+        conn = Conn(self, protocol, transport)
+        conn.take()
+        return conn
+
+    def session_factory(self, client: ClientInfo) -> FakeSession:
+        session = super().session_factory(client)
+        if self.engine_policy is not None:
+            session.engine = SASLEngine(["CRAM-MD5", "PLAIN", "LOGIN"], engine_policy(self.engine_policy))
+        return session
+
+    def capabilities(self, conn: Conn) -> bytes:
+        reply = conn.send(b"c CAPABILITY\r\n")
+        self.assertTrue(reply.endswith(b"c OK CAPABILITY completed\r\n"), reply)
+        return reply.split(b"\r\n")[0].removeprefix(f"* CAPABILITY {BASE_CAPS}".encode())
+
+    def test_secure_auth_login_needs_tls(self) -> None:
+        """Before TLS: LOGINDISABLED, only CRAM-MD5, LOGIN refused and logged; after STARTTLS all."""
+        conn = self.policy_connect("secure_auth")
+        self.assertEqual(self.capabilities(conn), b" STARTTLS AUTH=CRAM-MD5 LOGINDISABLED")
+        self.assertEqual(
+            conn.send(b"l LOGIN alice secret\r\n"),
+            b"l NO [PRIVACYREQUIRED] Cleartext login is not allowed here\r\n",
+        )
+        self.assertEqual(
+            conn.send(b"a AUTHENTICATE PLAIN\r\n"), b"a NO [PRIVACYREQUIRED] Mechanism requires TLS\r\n"
+        )
+        self.assertEqual(self.logins, [])
+        self.assertEqual(
+            self.logs.securities,
+            [
+                (
+                    "mechanism-refused",
+                    {"protocol": "imap", "method": "IMAP-LOGIN", "reason": "IMAP-LOGIN requires TLS"},
+                )
+            ],
+        )
+        conn.send(b"t STARTTLS\r\n")
+        self.assertEqual(self.capabilities(conn), b" AUTH=CRAM-MD5 AUTH=PLAIN AUTH=LOGIN")
+        self.assertEqual(conn.send(b"a LOGIN alice secret\r\n"), LOGGED_IN)
+
+    def test_login_asks_the_policy_itself(self) -> None:
+        """LOGIN is not SASL: refused by the policy even if the session's engine would allow PLAIN."""
+        conn = self.connect(policy=SecurityPolicy("secure_auth"))
+        self.assertIn(b"AUTH=PLAIN LOGINDISABLED", self.capabilities(conn))
+        self.assertEqual(
+            conn.send(b"l LOGIN alice secret\r\n"),
+            b"l NO [PRIVACYREQUIRED] Cleartext login is not allowed here\r\n",
+        )
+
+    def test_encrypted_allows_only_tls_setup_before_tls(self) -> None:
+        """CAPABILITY, NOOP, STARTTLS, LOGOUT only; the rest NO [PRIVACYREQUIRED] (unknown: BAD)."""
+        conn = self.policy_connect("encrypted", max_errors=50)
+        self.assertEqual(self.capabilities(conn), b" STARTTLS LOGINDISABLED")
+        self.assertEqual(conn.send(b"n NOOP\r\n"), b"n OK NOOP completed\r\n")
+        refused = b" NO [PRIVACYREQUIRED] Encryption required by security policy\r\n"
+        for tag, command in [
+            (b"l", b"LOGIN alice secret"),
+            (b"a", b"AUTHENTICATE CRAM-MD5"),
+            (b"s", b"SELECT INBOX"),
+            (b"u", b"UID FETCH 1 FLAGS"),
+            (b"i", b"ID NIL"),
+        ]:
+            self.assertEqual(conn.send(tag + b" " + command + b"\r\n"), tag + refused, command)
+        self.assertEqual(conn.send(b"x XYZZY\r\n"), b"x BAD Unknown command XYZZY\r\n")
+        self.assertEqual(self.logins, [])
+        self.assertEqual(
+            [fields["command"] for event, fields in self.logs.securities if event == "command-refused"],
+            ["LOGIN", "AUTHENTICATE", "SELECT", "UID FETCH", "ID"],
+        )
+        self.assertEqual(conn.send(b"t STARTTLS\r\n"), b"t OK Begin TLS negotiation now\r\n")
+        self.assertEqual(conn.send(b"a LOGIN alice secret\r\n"), LOGGED_IN)
+        self.assertIn(b"s OK [READ-WRITE] SELECT completed\r\n", conn.send(b"s SELECT INBOX\r\n"))
+        self.assertEqual(conn.send(b"x LOGOUT\r\n"), b"* BYE Logging out\r\nx OK LOGOUT completed\r\n")
+
+    def test_logout_before_tls(self) -> None:
+        conn = self.policy_connect("encrypted")
+        self.assertEqual(conn.send(b"x LOGOUT\r\n"), b"* BYE Logging out\r\nx OK LOGOUT completed\r\n")
+        self.assertTrue(conn.closed)
+
+    def test_exempt_and_implicit_tls(self) -> None:
+        """A client of the exception group, or one on imaps, logs in as if there were no policy."""
+        conn = self.policy_connect("encrypted", peer="10.0.0.7")
+        self.assertEqual(self.capabilities(conn), b" STARTTLS AUTH=CRAM-MD5 AUTH=PLAIN AUTH=LOGIN")
+        self.assertEqual(conn.send(b"a LOGIN alice secret\r\n"), LOGGED_IN)
+        conn = self.policy_connect("encrypted", listener="imaps", implicit_tls=True)
+        self.assertEqual(conn.send(b"a LOGIN alice secret\r\n"), LOGGED_IN)
+        self.assertEqual(self.logs.securities, [])
 
 
 # --- authenticated state -------------------------------------------------------------------------
@@ -1193,6 +1315,19 @@ class FetchTests(IMAPTestCase):
             b"f NO [EXPUNGEISSUED] Some messages could not be fetched\r\n",
         )
 
+    def test_read_error(self) -> None:
+        """A batch the store cannot read is logged and reported like messages expunged meanwhile."""
+        conn = self.selected()
+        self.account.read_error = PermissionError(13, "Permission denied")
+        self.assertEqual(
+            conn.send(b"f FETCH 1:2 (UID BODY.PEEK[TEXT])\r\n"),
+            b"f NO [EXPUNGEISSUED] Some messages could not be fetched\r\n",
+        )
+        self.assertEqual(self.logs.errors[0][0], "imap-read-error")
+        self.flushLoggedErrors(PermissionError)
+        self.account.read_error = None
+        self.assertIn(b"f OK FETCH completed", conn.send(b"f FETCH 1 BODY.PEEK[TEXT]\r\n"))
+
     def test_fetch_syntax(self) -> None:
         conn = self.selected()
         self.assertEqual(
@@ -1572,18 +1707,21 @@ class BulkTests(IMAPTestCase):
         self.assertTrue(conn.transport.aborted)
 
     def test_bodies_are_read_a_batch_at_a_time(self) -> None:
-        self.fill(40)
+        """One store read per batch, cut where the batch's wire sizes reach BODY_BYTES."""
+        for _ in range(40):
+            self.inbox.add(mail("same size"))
+        self.patch(imap_server, "BODY_BYTES", 16 * self.inbox.messages[0].size)
         self.account.hold_reads = True
         conn = self.selected()
         conn.send(b"f FETCH 1:* BODY.PEEK[TEXT]\r\n")
-        self.assertEqual(len(self.account.held_reads), 16)
+        self.assertEqual([sorted(bodies) for _, bodies in self.account.held_reads], [list(range(1, 17))])
         self.account.release_reads()
         self.clock.advance(0)
         self.assertEqual(conn.take().count(b" FETCH "), 16)
-        self.assertEqual(len(self.account.held_reads), 16)
+        self.assertEqual([len(bodies) for _, bodies in self.account.held_reads], [16])
         self.account.release_reads()
         self.clock.advance(0)
-        self.assertEqual(len(self.account.held_reads), 8)
+        self.assertEqual([len(bodies) for _, bodies in self.account.held_reads], [8])
         self.account.release_reads()
         self.clock.advance(0)
         self.assertTrue(

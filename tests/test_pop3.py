@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import poplib
 import re
 import time
@@ -30,9 +31,16 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure
+from kms.auth.errors import (
+    AuthenticationFailed,
+    EncryptionRequired,
+    MechanismUnavailable,
+    TemporaryAuthFailure,
+)
+from kms.auth.policy import SecurityPolicy, engine_policy
 from kms.auth.sasl import Authenticated, SASLEngine, plaintext_login
 from kms.clientinfo import ClientInfo
+from kms.ipgroups import parse_group
 from kms.pop3.commands import (
     CHUNK_SIZE,
     POP3Error,
@@ -201,6 +209,20 @@ class FakeSession:
         self.test.logins.append((username, "", method))
         return fail(AuthenticationFailed(reason))
 
+    def login_apop(self, username: str, timestamp: str, digest: str) -> Deferred[Authenticated]:
+        """alice's password is "secret"; "tls" needs TLS, "off" is refused, "down" is temporary."""
+        if username == "tls":
+            raise EncryptionRequired("APOP requires TLS")
+        if username == "off":
+            raise MechanismUnavailable("APOP is not allowed for this client")
+        self.test.logins.append((username, digest, f"APOP {timestamp}"))
+        if username == "down":
+            return fail(TemporaryAuthFailure("directory down"))
+        if username == "alice" and digest == hashlib.md5(f"{timestamp}secret".encode()).hexdigest():
+            self.client.identity = "alice@example.test"
+            return succeed(Authenticated("alice@example.test"))
+        return fail(AuthenticationFailed("wrong password"))
+
     def logout(self) -> None:
         self.logouts += 1
         self.client.identity = None
@@ -211,6 +233,7 @@ class RecordingLogs:
         self.debugs: list[tuple[str, str, dict[str, object]]] = []
         self.errors: list[tuple[str, dict[str, object]]] = []
         self.mails: list[tuple[str, dict[str, object]]] = []
+        self.securities: list[tuple[str, dict[str, object]]] = []
 
     def debug(self, category: str, event: str, client: ClientInfo | None = None, **fields: object) -> None:
         self.debugs.append((category, event, fields))
@@ -220,6 +243,9 @@ class RecordingLogs:
 
     def mail(self, event: str, client: ClientInfo | None = None, **fields: object) -> None:
         self.mails.append((event, fields))
+
+    def security(self, event: str, client: ClientInfo | None = None, **fields: object) -> None:
+        self.securities.append((event, fields))
 
 
 class Transport(StringTransport):
@@ -389,6 +415,42 @@ class CapaTests(POP3TestCase):
         self.assertEqual(conn.send(b"CAPA\r\n"), CAPA + b"SASL PLAIN\r\nSTLS\r\n.\r\n")
 
 
+class ApopTests(POP3TestCase):
+    """APOP (RFC 1939 §7) against the greeting's timestamp; the session decides (storage, policy)."""
+
+    def apop(self, conn: Conn, user: str, password: str = "secret") -> bytes:
+        digest = hashlib.md5(f"{conn.protocol.timestamp}{password}".encode()).hexdigest()
+        return conn.send(f"APOP {user} {digest}\r\n".encode())
+
+    def test_success(self) -> None:
+        conn = self.connect()
+        self.assertEqual(self.apop(conn, "alice"), b"+OK Logged in\r\n")
+        self.assertEqual(self.opened, ["alice@example.test"])
+        [(user, _digest, how)] = self.logins
+        self.assertEqual((user, how), ("alice", f"APOP {conn.protocol.timestamp}"))
+        self.assertEqual(conn.send(b"STAT\r\n")[:3], b"+OK")
+
+    def test_failures(self) -> None:
+        """Wrong digest: [AUTH]; trouble: [SYS/TEMP]; policy: plain refusals; the session goes on."""
+        conn = self.connect(max_errors=100)
+        self.assertEqual(self.apop(conn, "alice", "wrong"), b"-ERR [AUTH] Authentication failed\r\n")
+        self.assertEqual(self.apop(conn, "down"), b"-ERR [SYS/TEMP] Temporary authentication failure\r\n")
+        self.assertEqual(self.apop(conn, "tls"), b"-ERR Encryption required for APOP\r\n")
+        self.assertEqual(self.apop(conn, "off"), b"-ERR APOP not available\r\n")
+        self.assertFalse(conn.closed)
+        self.assertEqual(self.apop(conn, "alice"), b"+OK Logged in\r\n")
+
+    def test_name_with_spaces_and_no_digest_in_debug_log(self) -> None:
+        """The digest is the last word; it never reaches the debug log (audit P7)."""
+        conn = self.connect()
+        self.assertEqual(
+            conn.send(b"APOP alice smith 0123456789abcdef0123456789abcdef\r\n"),
+            b"-ERR [AUTH] Authentication failed\r\n",
+        )
+        self.assertEqual(self.logins[0][0], "alice smith")
+        self.assertNotIn("0123456789abcdef", repr(self.logs.debugs))
+
+
 # --- commands in the wrong state, malformed lines ------------------------------------------------
 
 
@@ -461,7 +523,8 @@ class StateTests(POP3TestCase):
             (b"USER   ", b"-ERR Syntax: USER name"),
             (b"AUTH PLAIN a b", b"-ERR Syntax: AUTH [mechanism [initial-response]]"),
             (b"STLS x", b"-ERR Syntax: STLS"),
-            (b"APOP", b"-ERR APOP not available"),
+            (b"APOP", b"-ERR Syntax: APOP name digest"),
+            (b"APOP alice", b"-ERR Syntax: APOP name digest"),
         ]:
             self.assertEqual(conn2.send(line + b"\r\n"), reply + b"\r\n", line)
         self.assertFalse(conn.closed or conn2.closed)
@@ -600,7 +663,7 @@ class AuthTests(POP3TestCase):
         conn = self.connect(max_errors=100)
         for line, reply in [
             (b"AUTH X-UNKNOWN", b"-ERR Unrecognized authentication mechanism"),
-            (b"AUTH LOGIN", b"-ERR Encryption required for requested authentication mechanism"),
+            (b"AUTH LOGIN", b"-ERR [AUTH] Plaintext authentication disallowed without TLS"),
             (b"AUTH PLAIN !!!", b"-ERR Cannot decode response"),
             (b"AUTH PLAIN \xc3\xa9", b"-ERR Cannot decode response"),
             (b"AUTH PLAIN *", b"-ERR Authentication cancelled"),
@@ -675,6 +738,99 @@ class STLSTests(POP3TestCase):
             b"-ERR Command not permitted when TLS active\r\n",
         )
         self.assertEqual(self.logged_in().send(b"STLS\r\n"), NOT_NOW)
+
+
+# --- security policy (SPEC §5) -------------------------------------------------------------------
+
+
+class SecurityPolicyTests(POP3TestCase):
+    """The real policy: in the settings for USER/PASS and the ``encrypted`` command restrictions,
+    and through the real engine for AUTH (as `kms.service` wires it)."""
+
+    engine_policy: SecurityPolicy | None = None  # set: sessions use the real engine with it
+
+    def session_factory(self, client: ClientInfo) -> FakeSession:
+        session = super().session_factory(client)
+        if self.engine_policy is not None:
+            session._engine = SASLEngine(["CRAM-MD5", "PLAIN", "LOGIN"], engine_policy(self.engine_policy))
+        return session
+
+    def policy_connect(self, level: str, peer: str = "198.51.100.7", **changes: Any) -> Conn:
+        self.engine_policy = SecurityPolicy(level, parse_group(["10.0.0.0/8"]))
+        transport = Transport()
+        transport.peerAddr = IPv4Address("TCP", peer, 40000)
+        return self.connect(transport=transport, policy=self.engine_policy, max_errors=50, **changes)
+
+    def test_secure_auth_plaintext_needs_tls(self) -> None:
+        """Before STLS: no USER, only CRAM-MD5, USER/PASS/AUTH PLAIN refused with [AUTH]; after: all."""
+        conn = self.policy_connect("secure_auth")
+        without_user = CAPA.replace(b"USER\r\n", b"")
+        self.assertEqual(conn.send(b"CAPA\r\n"), without_user + b"SASL CRAM-MD5\r\nSTLS\r\n.\r\n")
+        refused = b"-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n"
+        for line in (b"USER alice", b"PASS secret", b"AUTH PLAIN " + PLAIN_OK):
+            self.assertEqual(conn.send(line + b"\r\n"), refused, line)
+        self.assertEqual(self.logins, [])
+        self.assertEqual(
+            self.logs.securities,
+            [
+                (
+                    "mechanism-refused",
+                    {"protocol": "pop3", "method": "USER/PASS", "reason": "USER/PASS requires TLS"},
+                )
+            ]
+            * 2,
+        )
+        conn.send(b"STLS\r\n")
+        self.assertEqual(conn.send(b"CAPA\r\n"), CAPA + b"SASL CRAM-MD5 PLAIN LOGIN\r\n.\r\n")
+        self.assertEqual(conn.send(b"USER alice\r\nPASS secret\r\n"), b"+OK Send PASS\r\n+OK Logged in\r\n")
+
+    def test_user_pass_asks_the_policy_itself(self) -> None:
+        """USER/PASS is not SASL: refused by the policy even if the session's engine would allow PLAIN."""
+        conn = self.connect(policy=SecurityPolicy("secure_auth"))
+        self.assertEqual(
+            conn.send(b"USER alice\r\n"), b"-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n"
+        )
+
+    def test_encrypted_allows_only_tls_setup_before_tls(self) -> None:
+        """CAPA, STLS, QUIT (and NOOP, though not before login); login commands [AUTH], others -ERR."""
+        conn = self.policy_connect("encrypted")
+        without_user = CAPA.replace(b"USER\r\n", b"")
+        self.assertEqual(conn.send(b"CAPA\r\n"), without_user + b"STLS\r\n.\r\n")
+        for line, reply in [
+            (b"USER alice", b"-ERR [AUTH] Encryption required by security policy"),
+            (b"PASS secret", b"-ERR [AUTH] Encryption required by security policy"),
+            (b"AUTH CRAM-MD5", b"-ERR [AUTH] Encryption required by security policy"),
+            (
+                b"APOP alice c4c9334bac560ecc979e58001b3e22fb",
+                b"-ERR [AUTH] Encryption required by security policy",
+            ),
+            (b"STAT", b"-ERR Encryption required by security policy"),
+            (b"NOOP", NOT_NOW.rstrip()),
+            (b"XYZZY", b"-ERR Unknown command"),
+        ]:
+            self.assertEqual(conn.send(line + b"\r\n"), reply + b"\r\n", line)
+        self.assertEqual(self.logins, [])
+        self.assertEqual(
+            [fields["command"] for event, fields in self.logs.securities if event == "command-refused"],
+            ["USER", "PASS", "AUTH", "APOP", "STAT"],
+        )
+        self.assertEqual(conn.send(b"STLS\r\n"), b"+OK Begin TLS negotiation\r\n")
+        self.assertEqual(conn.send(b"USER alice\r\nPASS secret\r\n"), b"+OK Send PASS\r\n+OK Logged in\r\n")
+        self.assertEqual(conn.send(b"STAT\r\n"), b"+OK 3 108\r\n")
+
+    def test_quit_before_tls(self) -> None:
+        conn = self.policy_connect("encrypted")
+        self.assertEqual(conn.send(b"QUIT\r\n"), b"+OK Logging out\r\n")
+        self.assertTrue(conn.closed)
+
+    def test_exempt_and_implicit_tls(self) -> None:
+        """A client of the exception group, or one on pop3s, logs in as if there were no policy."""
+        conn = self.policy_connect("encrypted", peer="10.0.0.7")
+        self.assertEqual(conn.send(b"CAPA\r\n"), CAPA + b"SASL CRAM-MD5 PLAIN LOGIN\r\nSTLS\r\n.\r\n")
+        self.assertEqual(conn.send(b"USER alice\r\nPASS secret\r\n"), b"+OK Send PASS\r\n+OK Logged in\r\n")
+        conn = self.policy_connect("encrypted", listener="pop3s", implicit_tls=True)
+        self.assertEqual(conn.send(b"USER alice\r\nPASS secret\r\n"), b"+OK Send PASS\r\n+OK Logged in\r\n")
+        self.assertEqual(self.logs.securities, [])
 
 
 # --- TRANSACTION ---------------------------------------------------------------------------------

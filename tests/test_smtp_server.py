@@ -18,8 +18,10 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure
+from kms.auth.policy import SecurityPolicy, engine_policy
 from kms.auth.sasl import Authenticated, SASLEngine
 from kms.clientinfo import ClientInfo
+from kms.ipgroups import parse_group
 from kms.smtp.commands import DataReader
 from kms.smtp.interfaces import Envelope, Refusal
 from kms.smtp.server import BACKLOG_LIMIT, SMTPFactory, SMTPServer, SMTPSettings
@@ -935,4 +937,59 @@ class StartTLSTests(SMTPServerTestCase):
         )
         self.assertEqual(
             self.ehlo(implicit_tls=True).send(b"STARTTLS\r\n"), b"503 5.5.1 Error: TLS already active\r\n"
+        )
+
+
+# --- security policy (SPEC §5) -------------------------------------------------------------------
+
+
+class SecurityPolicyTests(SMTPServerTestCase):
+    """The real policy through the real engine: what EHLO offers, 538 or 534, and mail without AUTH."""
+
+    policy = SecurityPolicy("encrypted", parse_group(["10.0.0.0/8"]))
+
+    def session_factory(self, client: ClientInfo) -> FakeSession:
+        session = super().session_factory(client)
+        session._engine = SASLEngine(["CRAM-MD5", "LOGIN", "PLAIN"], engine_policy(self.policy))
+        return session
+
+    def test_plaintext_only_after_starttls(self) -> None:
+        """Before TLS only CRAM-MD5 is offered and PLAIN is 538; after STARTTLS all, and PLAIN works."""
+        conn = self.ehlo()
+        self.assertEqual(conn.send(b"EHLO c\r\n"), EHLO_REPLY + b"250-STARTTLS\r\n250 AUTH CRAM-MD5\r\n")
+        self.assertEqual(
+            conn.send(b"AUTH PLAIN " + PLAIN_OK + b"\r\n"),
+            b"538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+        )
+        self.assertEqual(self.logins, [])
+        conn.send(b"STARTTLS\r\n")
+        self.assertEqual(conn.send(b"EHLO c\r\n"), EHLO_REPLY + b"250 AUTH CRAM-MD5 LOGIN PLAIN\r\n")
+        self.assertEqual(
+            conn.send(b"AUTH PLAIN " + PLAIN_OK + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
+        )
+
+    def test_too_weak_where_tls_is_unavailable(self) -> None:
+        """Without STARTTLS on offer, TLS cannot help: 534 5.7.9 says to pick another mechanism."""
+        conn = self.ehlo(tls_context=None)
+        self.assertEqual(conn.send(b"AUTH LOGIN\r\n"), b"534 5.7.9 Authentication mechanism is too weak\r\n")
+
+    def test_implicit_tls_and_exception_group(self) -> None:
+        """smtps counts as TLS; a client of the exception group gets everything in clear text."""
+        conn = self.connect(listener="smtps", implicit_tls=True)
+        self.assertEqual(conn.send(b"EHLO c\r\n"), EHLO_REPLY + b"250 AUTH CRAM-MD5 LOGIN PLAIN\r\n")
+        transport = Transport()
+        transport.peerAddr = IPv4Address("TCP", "10.1.2.3", 40000)
+        conn = self.connect(transport=transport)
+        self.assertEqual(
+            conn.send(b"EHLO c\r\n"), EHLO_REPLY + b"250-STARTTLS\r\n250 AUTH CRAM-MD5 LOGIN PLAIN\r\n"
+        )
+
+    def test_unencrypted_mail_is_still_accepted(self) -> None:
+        """``encrypted`` never stops server-to-server mail: MAIL, RCPT and DATA without TLS or AUTH."""
+        conn = self.ehlo()
+        reply = conn.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\nhi\r\n.\r\n")
+        self.assertEqual(
+            reply,
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"250 2.0.0 Ok: queued as QID1\r\n",
         )

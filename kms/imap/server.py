@@ -26,7 +26,7 @@ import socket
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -47,6 +47,7 @@ from kms.auth.errors import (
     MechanismUnavailable,
     TemporaryAuthFailure,
 )
+from kms.auth.policy import Decision, SecurityPolicy, may_authenticate, may_use_command
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
 from kms.imap import mutf7
@@ -94,9 +95,11 @@ from kms.store.interfaces import (
 
 # Pending input beyond this while a command waits: stop reading from the socket.
 BACKLOG_LIMIT = 64 * 1024
-# Messages rendered per cooperative step: from the index alone, and with their files read.
+# Messages rendered per cooperative step: from the index alone, and with their files read (SEARCH).
 META_BATCH = 500
 BODY_BATCH = 16
+# FETCH reads the files of up to this many bytes (wire sizes; at least one message) in one store job.
+BODY_BYTES = 1 << 20
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED = "not-authenticated", "authenticated", "selected"
 _ANY = frozenset({NOT_AUTHENTICATED, AUTHENTICATED, SELECTED})
@@ -163,6 +166,7 @@ class IMAPSettings:
     max_errors: int = 10
     max_line: int = MAX_LINE
     max_literal: int = MAX_LITERAL
+    policy: SecurityPolicy = field(default_factory=SecurityPolicy)  # [security] policy (SPEC §5)
 
 
 class SASLExchange(TypingProtocol):
@@ -190,6 +194,8 @@ class IMAPLogs(TypingProtocol):
 
     def error(self, event: str, client: ClientInfo | None = None, **fields: object) -> None: ...
 
+    def security(self, event: str, client: ClientInfo | None = None, **fields: object) -> None: ...
+
 
 def _sanitize(text: str) -> str:
     """Response text may quote the store or the client: no line breaks or controls (and it goes
@@ -202,6 +208,21 @@ def _sanitize(text: str) -> str:
 def _collect(results: list[tuple[bool, Any]], batch: Sequence[MessageInfo], into: dict[int, bytes]) -> None:
     """The messages a DeferredList of reads returned, by UID (failed reads: expunged meanwhile)."""
     into.update((info.uid, value) for info, (ok, value) in zip(batch, results, strict=True) if ok)
+
+
+def _body_batches(messages: Sequence[MessageInfo], indices: Iterable[int]) -> Iterator[list[int]]:
+    """Positions in groups read by one thread-pool job each: a hop per message cost more than the
+    read; a bound on bytes keeps a FETCH of large messages from holding many of them at once."""
+    batch: list[int] = []
+    size = 0
+    for index in indices:
+        batch.append(index)
+        size += messages[index].size
+        if size >= BODY_BYTES or len(batch) == META_BATCH:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _tcp(transport: object) -> object | None:
@@ -472,6 +493,11 @@ class IMAPServer(Protocol):
         if entry is None:
             self._tagged(tag, "BAD", "", f"Unknown command {name[:24]}")
             return
+        if not may_use_command(self.settings.policy, self.client, "imap", name):
+            # NO, not BAD: the command is fine, the connection is not (RFC 5530 PRIVACYREQUIRED).
+            self._security("command-refused", command=name, reason="security policy requires TLS")
+            self._tagged(tag, "NO", "PRIVACYREQUIRED", "Encryption required by security policy")
+            return
         handler, states = entry
         if self._state not in states:
             text = "not authenticated" if self._state == NOT_AUTHENTICATED else "not valid in this state"
@@ -671,7 +697,7 @@ class IMAPServer(Protocol):
                 words.append("STARTTLS")
             mechanisms = self._session.mechanisms()
             words.extend(f"AUTH={name}" for name in mechanisms)
-            if self._login_disabled(mechanisms):
+            if self._cleartext_needs_tls() or self._login_disabled(mechanisms):
                 words.append("LOGINDISABLED")
         return " ".join(words)
 
@@ -680,6 +706,11 @@ class IMAPServer(Protocol):
         """LOGIN sends a cleartext password: it goes with the cleartext SASL mechanisms, so the
         security policy that withholds PLAIN and LOGIN from a client withholds LOGIN too."""
         return not {"PLAIN", "LOGIN"} & set(mechanisms)
+
+    def _cleartext_needs_tls(self) -> bool:
+        """LOGIN is not SASL, so the engine's policy never sees it: ask the policy directly."""
+        decision = may_authenticate(self.settings.policy, self.client, "IMAP-LOGIN", "imap")
+        return decision is Decision.NEEDS_TLS
 
     def _do_CAPABILITY(self, args: Arguments) -> Result:
         args.end()
@@ -742,6 +773,9 @@ class IMAPServer(Protocol):
         username = args.astring("user name")
         password = args.astring("password")
         args.end()
+        if self._cleartext_needs_tls():
+            self._security("mechanism-refused", method="IMAP-LOGIN", reason="IMAP-LOGIN requires TLS")
+            return ("NO", "PRIVACYREQUIRED", "Cleartext login is not allowed here")
         if self._login_disabled(self._session.mechanisms()):
             if not self.client.tls:
                 return ("NO", "PRIVACYREQUIRED", "Cleartext login is not allowed here")
@@ -1075,21 +1109,27 @@ class IMAPServer(Protocol):
         view = self._selected_view()
         messages = view.messages
         indices = chain.from_iterable(range(a, b) for a, b in ranges)
+        batches = (
+            _body_batches(messages, indices)
+            if plan.needs_body
+            else iter(lambda: list(islice(indices, META_BATCH)), [])
+        )
         out: list[bytes] = []
-        while batch := list(islice(indices, BODY_BATCH if plan.needs_body else META_BATCH)):
-            bodies: list[tuple[bool, Any]] = []
+        for batch in batches:
+            bodies: dict[int, bytes] = {}
+            failed: list[Failure] = []
             if plan.needs_body:
-                reads = [maybeDeferred(view.open_message, messages[i].uid) for i in batch]
-                yield DeferredList(reads, consumeErrors=True).addCallback(bodies.extend)
-            for position, index in enumerate(batch):
+                uids = [messages[i].uid for i in batch]
+                yield view.open_messages(uids).addCallbacks(bodies.update, failed.append)
+                if failed and not failed[0].check(MailboxError):
+                    self._internal_error("imap-read-error", failed[0])
+            for index in batch:
                 info = messages[index]
                 info = changed.get(info.uid, info)
                 message = None
-                if bodies:
-                    ok, message = bodies[position]
-                    if not ok:  # expunged by another session since our snapshot, or a read error
-                        if not message.check(MailboxError):
-                            self._internal_error("imap-read-error", message)
+                if plan.needs_body:
+                    message = bodies.get(info.uid)
+                    if message is None:  # expunged by another session since our snapshot, or a read error
                         problems.append(info.uid)
                         continue
                 try:
@@ -1195,6 +1235,11 @@ class IMAPServer(Protocol):
         return view.copy(uids, target).addCallback(copied)
 
     # --- logging ----------------------------------------------------------------------------------
+
+    def _security(self, event: str, **fields: object) -> None:
+        """A policy refusal for the security log, in the fields `kms.auth.session` uses."""
+        if self._logs is not None:
+            self._logs.security(event, self.client, protocol="imap", **fields)
 
     def _debug(self, event: str, **fields: object) -> None:
         if self._logs is not None:

@@ -52,6 +52,7 @@ from kms.auth.errors import (
     MechanismUnavailable,
     TemporaryAuthFailure,
 )
+from kms.auth.policy import Decision, SecurityPolicy, may_authenticate, may_use_command
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
 from kms.net import set_tcp_nodelay
@@ -73,6 +74,9 @@ BACKLOG_LIMIT = 64 * 1024
 _log = Logger()
 
 _Handler = Callable[[str], "Deferred[None] | None"]
+# RFC 3206 §4: [AUTH] belongs on -ERR to these commands, and covers "without encryption".
+_LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH"})
+PLAINTEXT_REFUSED = "[AUTH] Plaintext authentication disallowed without TLS"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class POP3Settings:
     command_timeout: float = 600  # RFC 1939 §3: at least 10 minutes
     max_errors: int = 10
     max_line: int = 12288  # RFC 5034 §4 lets AUTH lines be long; same bound as SMTP's AUTH
+    policy: SecurityPolicy = field(default_factory=SecurityPolicy)  # [security] policy (SPEC §5)
 
 
 class SASLExchange(TypingProtocol):
@@ -103,6 +108,8 @@ class LoginSession(TypingProtocol):
 
     def login_plaintext(self, username: str, password: str, method: str) -> Deferred[Authenticated]: ...
 
+    def login_apop(self, username: str, timestamp: str, digest: str) -> Deferred[Authenticated]: ...
+
     def logout(self) -> None: ...
 
 
@@ -110,6 +117,8 @@ class POP3Logs(TypingProtocol):
     """The part of `kms.logs.Logs` this protocol writes to."""
 
     def mail(self, event: str, client: ClientInfo | None = None, **fields: object) -> None: ...
+
+    def security(self, event: str, client: ClientInfo | None = None, **fields: object) -> None: ...
 
     def debug(
         self, category: str, event: str, client: ClientInfo | None = None, **fields: object
@@ -459,6 +468,8 @@ class POP3Server(Protocol):
         handlers, others = self._authorization, self._transaction
         if self._drop is not None:
             handlers, others = others, handlers
+        if (keyword in handlers or keyword in others) and not self._command_allowed(keyword):
+            return
         handler = handlers.get(keyword)
         if handler is None:
             known = keyword in others
@@ -478,7 +489,9 @@ class POP3Server(Protocol):
 
     def _do_CAPA(self, argument: str) -> None:
         split_arguments(argument, "CAPA")
-        lines = ["TOP", "UIDL", "USER", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
+        lines = ["TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
+        if not self._user_pass_needs_tls():
+            lines.insert(2, "USER")
         mechanisms = self._session.mechanisms()
         if mechanisms:
             lines.append("SASL " + " ".join(mechanisms))
@@ -552,7 +565,18 @@ class POP3Server(Protocol):
 
     # --- USER/PASS, APOP, AUTH (RFC 1939, RFC 5034) -----------------------------------------------
 
+    def _user_pass_needs_tls(self) -> bool:
+        """USER/PASS is not SASL, so the engine's policy never sees it: ask the policy directly."""
+        decision = may_authenticate(self.settings.policy, self.client, "USER/PASS", "pop3")
+        return decision is Decision.NEEDS_TLS
+
+    def _plaintext_refused(self) -> POP3Error:
+        self._security("mechanism-refused", method="USER/PASS", reason="USER/PASS requires TLS")
+        return POP3Error(PLAINTEXT_REFUSED)
+
     def _do_USER(self, argument: str) -> None:
+        if self._user_pass_needs_tls():
+            raise self._plaintext_refused()
         name = argument.strip(" ")
         if not name:
             raise POP3Error("Syntax: USER name")
@@ -562,14 +586,27 @@ class POP3Server(Protocol):
 
     def _do_PASS(self, argument: str) -> Deferred[None]:
         user, self._user = self._user, None
+        if self._user_pass_needs_tls():
+            raise self._plaintext_refused()
         if user is None:
             raise POP3Error("Send USER first")
         # The whole rest of the line is the password: spaces are allowed in it.
         d: Deferred[Any] = maybeDeferred(self._session.login_plaintext, user, argument, "USER/PASS")
         return self._authenticated(d, None)
 
-    def _do_APOP(self, argument: str) -> None:
-        raise POP3Error("APOP not available")
+    def _do_APOP(self, argument: str) -> Deferred[None]:
+        # RFC 1939 §7: the digest is the last word; the name is everything before it.
+        name, _, digest = argument.strip(" ").rpartition(" ")
+        if not name.strip(" ") or not digest:
+            raise POP3Error("Syntax: APOP name digest")
+        self._user = None
+        try:
+            d: Deferred[Any] = self._session.login_apop(name.strip(" "), self.timestamp, digest)
+        except EncryptionRequired:
+            raise POP3Error("Encryption required for APOP") from None
+        except MechanismUnavailable:
+            raise POP3Error("APOP not available") from None
+        return self._authenticated(d, None)
 
     def _do_AUTH(self, argument: str) -> Deferred[None] | None:
         words = split_arguments(argument, "AUTH [mechanism [initial-response]]", 0, 2)
@@ -579,8 +616,8 @@ class POP3Server(Protocol):
         self._user = None
         try:
             exchange = self._session.begin(words[0])
-        except EncryptionRequired:
-            raise POP3Error("Encryption required for requested authentication mechanism") from None
+        except EncryptionRequired:  # logged by the session
+            raise POP3Error(PLAINTEXT_REFUSED) from None
         except MechanismUnavailable:
             raise POP3Error("Unrecognized authentication mechanism") from None
         if len(words) == 1:
@@ -759,6 +796,21 @@ class POP3Server(Protocol):
         self._ok(f"{count} messages ({size} octets)")
 
     # --- logging ----------------------------------------------------------------------------------
+
+    def _command_allowed(self, keyword: str) -> bool:
+        """The ``encrypted`` policy's say on a known command; a refusal is answered and logged."""
+        if may_use_command(self.settings.policy, self.client, "pop3", keyword):
+            return True
+        self._debug("command", command=keyword)
+        self._security("command-refused", command=keyword, reason="security policy requires TLS")
+        code = "[AUTH] " if keyword in _LOGIN_COMMANDS else ""
+        self._error(f"{code}Encryption required by security policy")
+        return False
+
+    def _security(self, event: str, **fields: object) -> None:
+        """A policy refusal for the security log, in the fields `kms.auth.session` uses."""
+        if self._logs is not None:
+            self._logs.security(event, self.client, protocol="pop3", **fields)
 
     def _debug(self, event: str, **fields: object) -> None:
         if self._logs is not None:

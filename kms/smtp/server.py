@@ -593,6 +593,10 @@ class SMTPServer(Protocol):
         try:
             exchange = self._session.begin(words[0])
         except EncryptionRequired:
+            if self._tls_context is None:
+                # This connection can never be encrypted, so 538 would point to a dead end; 534
+                # tells the client to retry with another mechanism (RFC 4954 §6).
+                raise Refusal(534, "5.7.9", "Authentication mechanism is too weak") from None
             text = "Encryption required for requested authentication mechanism"
             raise Refusal(538, "5.7.11", text) from None
         except MechanismUnavailable:
