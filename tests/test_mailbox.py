@@ -17,7 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
-from kms.store.index import CACHE, UIDLIST
+from kms.store.index import CACHE, UIDLIST, FolderFiles
 from kms.store.interfaces import (
     Account,
     FolderEvent,
@@ -27,7 +27,7 @@ from kms.store.interfaces import (
     MaildropLocked,
     MessageInfo,
 )
-from kms.store.mailbox import MailStore, merge_events, positions_of
+from kms.store.mailbox import MailStore, locate, merge_events, positions_of
 from kms.store.maildir import mailbox_path, maildir_name
 from kms.wireform import wire_form
 
@@ -541,6 +541,60 @@ class ViewTests(StoreCase):
         self.assertEqual(second.size, len(body))
         await self.refused(view.open_message(99), "EXPUNGEISSUED")
 
+    async def test_open_messages(self) -> None:
+        """One read for several; each in wire form; expunged ones left out, the rest still read."""
+        account = await self.account()
+        raws = [message("crlf", lf=b"\r\n"), message("lf"), message("mixed") + b"x\r\ny\n"]
+        for raw in raws:
+            await account.append("INBOX", raw)
+        view = await self.open()
+        other = await self.open()
+        await other.store([2], ["\\Deleted"], "+")
+        await other.expunge()
+        self.assertEqual(await view.open_messages([1, 2, 3, 99]), {1: raws[0], 3: wire_form(raws[2])})
+        self.assertEqual(await view.open_messages([]), {})
+        view.close()
+        await self.refused(view.open_messages([1]), "CANNOT")
+
+    async def test_open_messages_during_flag_changes(self) -> None:
+        """Files renamed while a lock-free read runs are read again under the lock."""
+        account = await self.account()
+        for n in range(10):
+            await account.append("INBOX", message(f"m{n}"))
+        view = await self.open()
+        uids = [info.uid for info in view.messages]
+        stores = [view.store(uids, ["\\Seen"], "+" if i % 2 else "-") for i in range(10)]
+        reads = [view.open_messages(uids) for _ in range(10)]
+        for stored in stores:
+            await stored
+        for read in reads:
+            bodies = await read
+            self.assertEqual(sorted(bodies), uids)
+            self.assertEqual(bodies[uids[3]], wire_form(message("m3")))
+
+    async def test_open_messages_reads_vanished_files_again_under_the_lock(self) -> None:
+        account = await self.account()
+        for n in range(3):
+            await account.append("INBOX", message(f"m{n}"))
+        view = await self.open()
+        calls: list[list[int]] = []
+        read_many = FolderFiles.read_many
+
+        def renamed_meanwhile(
+            files: FolderFiles, names: Mapping[int, str]
+        ) -> tuple[dict[int, bytes], list[int]]:
+            calls.append(sorted(names))
+            found, vanished = read_many(files, names)
+            if len(calls) == 1:  # as if a STORE had renamed message 2 just before the read
+                del found[2]
+                vanished.append(2)
+            return found, vanished
+
+        self.patch(FolderFiles, "read_many", renamed_meanwhile)
+        bodies = await view.open_messages([1, 2, 3])
+        self.assertEqual(calls, [[1, 2, 3], [2]])
+        self.assertEqual(bodies, {n + 1: wire_form(message(f"m{n}")) for n in range(3)})
+
     async def test_indexed_header_is_imaps_body_header(self) -> None:
         """The header the index caches (HEADER fetches, SEARCH) is, to the byte, the BODY[HEADER]
         IMAP cuts from the file: one rule for where a header ends."""
@@ -558,10 +612,10 @@ class ViewTests(StoreCase):
         view = await self.open()
         stores = [view.store([1], ["\\Seen"], "+" if i % 2 else "-") for i in range(20)]
         reads = [view.open_message(1) for _ in range(20)]
-        for d in stores:
-            await d
-        for d in reads:
-            self.assertEqual(await d, wire_form(message("a")))
+        for stored in stores:
+            await stored
+        for read in reads:
+            self.assertEqual(await read, wire_form(message("a")))
 
     async def test_deleted_folder_under_an_open_view(self) -> None:
         account = await self.account()
@@ -575,7 +629,12 @@ class ViewTests(StoreCase):
         def info(uid: int, *flags: str) -> MessageInfo:
             return MessageInfo(uid, 1, 0.0, frozenset(flags), b"", {})
 
-        present = {1, 2, 3}.__contains__
+        asked: list[set[int]] = []
+
+        def present(uids: set[int]) -> set[int]:
+            asked.append(set(uids))
+            return uids & {1, 2, 3}
+
         event = merge_events(
             [
                 FolderEvent(added=[info(4)], flags=[info(2, "\\Seen")]),
@@ -588,6 +647,7 @@ class ViewTests(StoreCase):
         self.assertEqual(list(event.expunged), [1, 3])
         self.assertEqual([(i.uid, i.flags) for i in event.added], [(5, {"\\Seen"})])
         self.assertEqual([(i.uid, i.flags) for i in event.flags], [(2, {"\\Seen"})])
+        self.assertEqual(asked, [{1, 2, 3, 4, 5}])  # one question for the whole merge
 
     @given(st.sets(st.integers(1, 300), max_size=150), st.lists(st.integers(0, 320), max_size=40))
     def test_positions_of(self, present: set[int], uids: list[int]) -> None:
@@ -595,6 +655,7 @@ class ViewTests(StoreCase):
         messages = [MessageInfo(uid, 1, 0.0, frozenset(), b"", {}) for uid in sorted(present)]
         expected = [i for i, info in enumerate(messages) if info.uid in set(uids)]
         self.assertEqual(positions_of(messages, uids), expected)
+        self.assertEqual(locate(messages, uids), {messages[i].uid: i for i in expected})
 
 
 class RenameTests(StoreCase):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
@@ -21,6 +23,15 @@ class WireFormTests(TestCase):
         }
         for raw, wire in cases.items():
             self.assertEqual(wire_form(raw), wire, raw)
+
+    def test_wire_form_comes_back_as_is(self) -> None:
+        """No copy and no regular expression for a message APPEND already sent with CRLF."""
+        wire = b"A: 1\r\n\r\nbody\r\rx\r\n"
+        self.assertIs(wire_form(wire), wire)
+
+    @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a"]), max_size=30).map(b"".join))
+    def test_same_as_replacing_each_bare_lf(self, raw: bytes) -> None:
+        self.assertEqual(wire_form(raw), re.sub(rb"(?<!\r)\n", b"\r\n", raw))
 
     @given(st.binary(max_size=200))
     def test_idempotent_and_no_bare_lf(self, raw: bytes) -> None:

@@ -101,6 +101,10 @@ class FolderView(Protocol):
     def open_message(self, uid: int) -> Deferred[bytes]:
         """The message in wire form (CRLF), read in the thread pool."""
 
+    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """Several messages in wire form, by UID, read in one thread-pool job (FETCH of bodies);
+        messages expunged meanwhile are left out."""
+
     def close(self) -> None:
         """The session leaves the folder (also on disconnect); releases a POP3 maildrop lock."""
 

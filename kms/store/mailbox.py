@@ -40,7 +40,8 @@ import secrets
 import shutil
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -60,7 +61,6 @@ from kms.store.index import (
     flag_tally,
     fsync_dir,
     normalize_flags,
-    uid_of,
 )
 from kms.store.interfaces import (
     Account,
@@ -93,28 +93,42 @@ _DELETED_PREFIX = "kms-deleted-"  # a folder on its way out: renamed away first,
 _OPEN_RETRIES = 3
 
 
+_uid = attrgetter("uid")  # a C-level key: bisect calls it ~17 times per search
+
+
 def _find(messages: Sequence[MessageInfo], uid: int) -> int | None:
     """Position of ``uid`` in a UID-ordered list, or None."""
-    i = bisect_left(messages, uid, key=uid_of)
+    i = bisect_left(messages, uid, key=_uid)
     return i if i < len(messages) and messages[i].uid == uid else None
 
 
-def positions_of(messages: Sequence[MessageInfo], uids: Iterable[int]) -> list[int]:
-    """Ascending positions of those of ``uids`` that are in a UID-ordered list: a binary search
-    each, or, for a good part of the list (DELETE, STORE 1:*), one pass over it."""
+def locate(messages: Sequence[MessageInfo], uids: Iterable[int]) -> dict[int, int]:
+    """UID → position for those of ``uids`` that are in a UID-ordered list: a binary search each,
+    or, for a good part of the list (DELETE, STORE 1:*), one pass over it."""
     wanted = set(uids)
     if len(wanted) * 16 > len(messages):
-        return [i for i, info in enumerate(messages) if info.uid in wanted]
-    return [i for uid in sorted(wanted) if (i := _find(messages, uid)) is not None]
+        return {uid: i for i, uid in enumerate(map(_uid, messages)) if uid in wanted}
+    return {uid: i for uid in wanted if (i := _find(messages, uid)) is not None}
 
 
-def merge_events(events: Iterable[FolderEvent], present: Callable[[int], bool]) -> FolderEvent:
-    """Collapse queued events into one, relative to a snapshot (``present(uid)``: in it).
+def positions_of(messages: Sequence[MessageInfo], uids: Iterable[int]) -> list[int]:
+    """Ascending positions of those of ``uids`` that are in a UID-ordered list."""
+    return sorted(locate(messages, uids).values())
+
+
+def merge_events(
+    events: Sequence[FolderEvent], present: Callable[[set[int]], Collection[int]]
+) -> FolderEvent:
+    """Collapse queued events into one, relative to a snapshot (``present(uids)``: those of
+    ``uids`` in it, asked once for all, as a STORE 1:* brings thousands).
 
     A message added and expunged before the sync never appears; a flag change of a message added
     in the same sync is folded into its ``added`` info; expunged UIDs are ascending and were all
     in the snapshot.
     """
+    mentioned = {info.uid for event in events for info in event.flags}
+    mentioned.update(uid for event in events for uid in event.expunged)
+    known = present(mentioned) if mentioned else ()
     added: dict[int, MessageInfo] = {}
     expunged: set[int] = set()
     flags: dict[int, MessageInfo] = {}
@@ -124,10 +138,10 @@ def merge_events(events: Iterable[FolderEvent], present: Callable[[int], bool]) 
         for info in event.flags:
             if info.uid in added:
                 added[info.uid] = info
-            elif info.uid not in expunged and present(info.uid):
+            elif info.uid not in expunged and info.uid in known:
                 flags[info.uid] = info
         for uid in event.expunged:
-            if added.pop(uid, None) is None and present(uid):
+            if added.pop(uid, None) is None and uid in known:
                 expunged.add(uid)
             flags.pop(uid, None)
     return FolderEvent(added=list(added.values()), expunged=sorted(expunged), flags=list(flags.values()))
@@ -355,13 +369,19 @@ class _Folder:
         self.publish(FolderEvent(added=infos))
 
     def replace(self, entries: Sequence[Entry]) -> None:
+        """Messages with new flags (and file names); the positions are found once for all."""
+        at = locate(self.messages, [e.info.uid for e in entries])
+        old: list[MessageInfo] = []
+        new: list[MessageInfo] = []
         for entry in entries:
-            i = _find(self.messages, entry.info.uid)
+            i = at.get(entry.info.uid)
             if i is not None:
-                self._tally([self.messages[i]], -1)
-                self._tally([entry.info], 1)
+                old.append(self.messages[i])
+                new.append(entry.info)
                 self.messages[i] = entry.info
                 self.names[entry.info.uid] = entry.name
+        self._tally(old, -1)
+        self._tally(new, 1)
 
     def drop(self, uids: Iterable[int]) -> None:
         """Messages leave the folder (expunged, moved away, or the folder deleted)."""
@@ -451,15 +471,16 @@ class _View:
         if not pending:
             return FolderEvent()
         messages = self._messages
-        event = merge_events(pending, lambda uid: _find(messages, uid) is not None)
+        event = merge_events(pending, lambda uids: locate(messages, uids).keys())
         if event.expunged:
             delete_positions(messages, positions_of(messages, event.expunged))
             self.recent = self.recent.difference(event.expunged)
         changed = []  # flags this session's own STORE already applied are not news
+        at = locate(messages, [info.uid for info in event.flags]) if event.flags else {}
         for info in event.flags:
-            i = _find(self._messages, info.uid)
-            if i is not None and self._messages[i] is not info:
-                self._messages[i] = info
+            i = at.get(info.uid)
+            if i is not None and messages[i] is not info:
+                messages[i] = info
                 changed.append(info)
         if event.added:
             self._messages.extend(event.added)
@@ -492,11 +513,16 @@ class _View:
                 return fail(MailboxError("mailbox deleted", "NONEXISTENT"))
             current = folder.entries(uids)
             changes = []
+            outcome: dict[frozenset[str], frozenset[str]] = {}  # per distinct flag set, not per message
             for entry in current:
                 old = entry.info.flags
-                new = old | wanted if mode == "+" else old - wanted if mode == "-" else wanted
+                new = outcome.get(old)
+                if new is None:
+                    new = outcome[old] = normalize_flags(
+                        old | wanted if mode == "+" else old - wanted if mode == "-" else wanted
+                    )
                 if new != old:
-                    changes.append((entry, normalize_flags(new)))
+                    changes.append((entry, new))
             return folder.store.run(folder.files.set_flags, changes).addCallback(applied, current)
 
         def applied(done: list[Entry], current: list[Entry]) -> Sequence[MessageInfo]:
@@ -506,11 +532,9 @@ class _View:
                 # Queued for this view too, so an older change queued by another session cannot
                 # overwrite this one at the next sync; sync does not report it twice.
                 folder.publish(FolderEvent(flags=changed))
-                for info in changed:
-                    i = _find(self._messages, info.uid)
-                    if i is not None:
-                        self._messages[i] = info
             latest = {e.info.uid: e.info for e in done}
+            for uid, i in locate(self._messages, latest).items():
+                self._messages[i] = latest[uid]
             return [latest.get(e.info.uid, e.info) for e in current]
 
         return folder.store.locked([folder], work)
@@ -581,6 +605,32 @@ class _View:
             return folder.store.locked([folder], lambda: read(attempt + 1))
 
         return read(0)
+
+    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """One lock-free pool job for all; files renamed meanwhile (a flag change in flight) are
+        read again under the folder lock, when their new names are known."""
+        refused = self._refused(write=False)
+        if refused:
+            return refused
+        folder = self._folder
+        found: dict[int, bytes] = {}
+
+        def read(wanted: Iterable[int], attempt: int) -> Deferred[dict[int, bytes]]:
+            names = {uid: name for uid in wanted if (name := folder.names.get(uid)) is not None}
+            if not names:
+                return succeed(found)
+            return folder.store.run(folder.files.read_many, names).addCallback(got, attempt)
+
+        def got(
+            result: tuple[dict[int, bytes], list[int]], attempt: int
+        ) -> dict[int, bytes] | Deferred[dict[int, bytes]]:
+            done, vanished = result
+            found.update(done)
+            if not vanished or attempt == _OPEN_RETRIES:
+                return found
+            return folder.store.locked([folder], lambda: read(vanished, attempt + 1))
+
+        return read(uids, 0)
 
     def close(self) -> None:
         if self._closed:
