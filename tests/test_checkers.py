@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,11 +16,12 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from kms.auth import passwords
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
 from kms.auth.credentials import IChallengeCredentials, IPlaintextCredentials, PlaintextCredentials
 from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure, UnknownUser
 from kms.auth.mechanisms import CramMD5Credentials
-from kms.auth.passwords import KEY_SIZE, StoreKey, parse_scram
+from kms.auth.passwords import DEFAULT_ITERATIONS, KEY_SIZE, StoreKey, parse_scram
 from kms.clientinfo import ClientInfo
 from kms.store.users import UserDB
 
@@ -152,25 +152,29 @@ class LocalUserCheckerTests(LocalUserFixture):
         e = await self.fails(AuthenticationFailed, creds("des", "des-pw", authzid="sha@example.test"))
         self.assertNotIsInstance(e, UnknownUser)
 
-    async def test_timing_does_not_reveal_users(self) -> None:
-        """Unknown user, directory user and wrong des/sha passwords take about as long (best of 5)."""
+    async def test_every_refusal_costs_one_pbkdf2(self) -> None:
+        """Unknown user, directory user and wrong des/sha passwords each cost exactly one PBKDF2 at
+        the default work factor, so timing cannot tell them apart (counted, not timed)."""
+        for user in ("sha@example.test", "ghost@example.test", "ad@example.test", "des@example.test"):
+            calls = count_pbkdf2(self)
+            try:
+                await self.checker.requestAvatarId(creds(user, "nope"))
+            except AuthenticationFailed:
+                pass
+            self.assertEqual(calls, [DEFAULT_ITERATIONS], user)
 
-        async def best(c: PlaintextCredentials) -> float:
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                try:
-                    await self.checker.requestAvatarId(c)
-                except AuthenticationFailed:
-                    pass
-                times.append(time.perf_counter() - t)
-            return min(times)
 
-        wrong_sha = await best(creds("sha@example.test", "nope"))
-        for user in ("ghost@example.test", "ad@example.test", "des@example.test"):
-            other = await best(creds(user, "nope"))
-            self.assertLess(other, 2 * wrong_sha, user)
-            self.assertLess(wrong_sha, 2 * other, user)
+def count_pbkdf2(test: TestCase) -> list[int]:
+    """Record the work factor of every PBKDF2 computed from now on (the real one still runs)."""
+    calls: list[int] = []
+    real = passwords._pbkdf2
+
+    def counting(password: str, salt: bytes, iterations: int) -> bytes:
+        calls.append(iterations)
+        return real(password, salt, iterations)
+
+    test.patch(passwords, "_pbkdf2", counting)
+    return calls
 
 
 def cram(username: str, password: str, challenge: bytes = b"<1.2@mx.example.test>") -> CramMD5Credentials:
@@ -217,30 +221,20 @@ class ChallengeCheckTests(LocalUserFixture):
         e = await self.fails(TemporaryAuthFailure, cram("des@example.test", "des-pw"))
         self.assertIn("SCRAM keys of des@example.test are corrupt", str(e))
 
-    async def test_timing_does_not_reveal_users_or_storage(self) -> None:
-        """A challenge answer costs what a password does: unknown user, impossible method, wrong
-        answer and a wrong sha password all take about as long (best of 5)."""
-
-        async def best(c: Any) -> float:
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                try:
-                    await self.checker.requestAvatarId(c)
-                except AuthenticationFailed:
-                    pass
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        wrong_sha = await best(creds("sha@example.test", "nope"))
+    async def test_every_challenge_refusal_costs_one_pbkdf2(self) -> None:
+        """A challenge answer costs what a password does: unknown user, impossible method and a
+        wrong answer each cost exactly one PBKDF2 at the default work factor (counted, not timed)."""
         for c in (
             cram("ghost@example.test", "x"),
             cram("sha@example.test", "x"),
             cram("des@example.test", "x"),
         ):
-            other = await best(c)
-            self.assertLess(other, 2 * wrong_sha, c.username)
-            self.assertLess(wrong_sha, 2 * other, c.username)
+            calls = count_pbkdf2(self)
+            try:
+                await self.checker.requestAvatarId(c)
+            except AuthenticationFailed:
+                pass
+            self.assertEqual(calls, [DEFAULT_ITERATIONS], c.username)
 
     async def test_scram_parameters(self) -> None:
         """Real users get their stored salt; everyone else a stable made-up one, same iterations."""
