@@ -33,7 +33,7 @@ from tests.support.server import RunningServer, add_user, write_config
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 PASSWORDS = {ALICE: "alice's pass phrase", BOB: "bob-Pässwort"}
-METHODS = '["SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "LOGIN", "PLAIN"]'
+METHODS = '["SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "LOGIN", "NTLM", "PLAIN"]'
 MESSAGE = b"From: alice@example.test\r\nTo: alice@example.test\r\nSubject: auth e2e\r\n\r\nhello\r\n"
 CURL_LOGIN_DENIED = 67
 
@@ -108,7 +108,7 @@ class AuthEndToEndTests(TestCase):
         """des users log in with every method; sha users with PLAIN and LOGIN, and their CRAM-MD5 and
         DIGEST-MD5 attempts fail with the same reply as a wrong password, the log saying why."""
         for protocol in ("smtp", "imap", "pop3"):
-            for mechanism in ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5"):
+            for mechanism in ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "NTLM"):
                 for user in (ALICE, BOB):
                     result = await deferToThread(self.curl, protocol, mechanism, user, PASSWORDS[user])
                     works = user == ALICE or mechanism in ("PLAIN", "LOGIN")
@@ -120,7 +120,7 @@ class AuthEndToEndTests(TestCase):
                         self.assertEqual(self.verdict(result), self.verdict(wrong), where)
         log = self.security_log()
         for protocol in ("smtp", "imap", "pop3"):
-            for mechanism in ("CRAM-MD5", "DIGEST-MD5"):
+            for mechanism in ("CRAM-MD5", "DIGEST-MD5", "NTLM"):
                 self.assertIn(
                     f"login-failed protocol={protocol} user={BOB} method={mechanism} "
                     f'reason="{mechanism} impossible for {BOB}: password stored one-way"',
@@ -132,24 +132,27 @@ class AuthEndToEndTests(TestCase):
                     f"login protocol={protocol} user={ALICE} identity={ALICE} method={mechanism}", log
                 )
         self.assertNotIn(PASSWORDS[ALICE], log)
-        # SMTP: alice with 4 methods, bob with 2; IMAP's SELECT has moved them from new/ to cur/.
+        # SMTP: alice with 5 methods, bob with 2; IMAP's SELECT has moved them from new/ to cur/.
         inbox = self.server.maildir(ALICE)
-        self.assertEqual(len([*(inbox / "new").iterdir(), *(inbox / "cur").iterdir()]), 4 + 2)
+        self.assertEqual(len([*(inbox / "new").iterdir(), *(inbox / "cur").iterdir()]), 5 + 2)
 
     # --- swaks ----------------------------------------------------------------------------------
 
     def swaks(self, mechanism: str, user: str, password: str) -> subprocess.CompletedProcess[str]:
         if not shutil.which("swaks"):
             raise SkipTest("swaks is not installed (.ci/run installs it)")
-        module = {"CRAM-MD5": "Digest::HMAC_MD5", "DIGEST-MD5": "Authen::SASL"}[mechanism]
+        module = {"CRAM-MD5": "Digest::HMAC_MD5", "DIGEST-MD5": "Authen::SASL", "NTLM": "Authen::NTLM"}[
+            mechanism
+        ]
         if subprocess.run(["perl", f"-M{module}", "-e1"], capture_output=True).returncode:
-            raise SkipTest(f"swaks needs {module} for {mechanism} (libauthen-sasl-perl)")
+            raise SkipTest(f"swaks needs {module} for {mechanism} (libauthen-sasl-perl, libauthen-ntlm-perl)")
         command = ["swaks", "--server", f"127.0.0.1:{self.port('submission')}", "--helo", "swaks.test"]
         command += ["--auth", mechanism, "--auth-user", user, "--auth-password", password]
         command += ["--from", user, "--to", ALICE]
         return subprocess.run(command, capture_output=True, text=True, timeout=30)
 
-    async def test_swaks_cram_and_digest(self) -> None:
+    async def test_swaks_cram_digest_and_ntlm(self) -> None:
+        """swaks speaks NTLMv1 (Authen::NTLM): refused as a wrong password unless allow_ntlmv1."""
         for mechanism in ("CRAM-MD5", "DIGEST-MD5"):
             ok = await deferToThread(self.swaks, mechanism, ALICE, PASSWORDS[ALICE])
             self.assertEqual(ok.returncode, 0, ok.stdout + ok.stderr)
@@ -160,6 +163,9 @@ class AuthEndToEndTests(TestCase):
                 self.assertNotEqual(failed.returncode, 0)
                 self.assertIn("535 5.7.8 Authentication credentials invalid", failed.stdout)
         self.assertEqual(len(self.server.messages(ALICE)), 2)
+        v1 = await deferToThread(self.swaks, "NTLM", ALICE, PASSWORDS[ALICE])
+        self.assertIn("535 5.7.8 Authentication credentials invalid", v1.stdout)
+        self.assertIn("NTLMv1 refused", self.security_log())
 
     # --- Python's own clients -------------------------------------------------------------------
 
