@@ -396,10 +396,14 @@ class CapaTests(POP3TestCase):
         self.assertEqual(self.connect().send(b"capa\r\n"), CAPA + b"SASL PLAIN\r\nSTLS\r\n.\r\n")
 
     def test_capa_without_tls_or_mechanisms(self) -> None:
-        """No context: no STLS; no mechanism allowed: no SASL line."""
+        """No context: no STLS; no mechanism allowed: no SASL line, and no USER (it goes with
+        PLAIN and LOGIN, like IMAP LOGIN), so USER and PASS are refused."""
         conn = self.connect(tls_context=None)
         self.sessions[0]._engine = SASLEngine([])
-        self.assertEqual(conn.send(b"CAPA\r\n"), CAPA + b".\r\n")
+        self.assertEqual(conn.send(b"CAPA\r\n"), CAPA.replace(b"USER\r\n", b"") + b".\r\n")
+        refused = b"-ERR [AUTH] Plaintext authentication is disabled\r\n"
+        self.assertEqual(conn.send(b"USER alice\r\nPASS secret\r\n"), refused * 2)
+        self.assertEqual(self.logins, [])
 
     def test_capa_under_tls_and_after_login(self) -> None:
         """On pop3s STLS is gone and LOGIN is allowed; after login the list is the same (RFC 2449 §5)."""

@@ -77,6 +77,11 @@ _Handler = Callable[[str], "Deferred[None] | None"]
 # RFC 3206 §4: [AUTH] belongs on -ERR to these commands, and covers "without encryption".
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH"})
 PLAINTEXT_REFUSED = "[AUTH] Plaintext authentication disallowed without TLS"
+PLAINTEXT_DISABLED = "[AUTH] Plaintext authentication is disabled"
+
+
+def _plaintext_enabled(mechanisms: list[str]) -> bool:
+    return bool({"PLAIN", "LOGIN"} & set(mechanisms))
 
 
 @dataclass(frozen=True)
@@ -490,9 +495,9 @@ class POP3Server(Protocol):
     def _do_CAPA(self, argument: str) -> None:
         split_arguments(argument, "CAPA")
         lines = ["TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
-        if not self._user_pass_needs_tls():
-            lines.insert(2, "USER")
         mechanisms = self._session.mechanisms()
+        if not self._user_pass_needs_tls() and _plaintext_enabled(mechanisms):
+            lines.insert(2, "USER")
         if mechanisms:
             lines.append("SASL " + " ".join(mechanisms))
         if self._tls_context is not None and not self.client.tls:
@@ -574,9 +579,17 @@ class POP3Server(Protocol):
         self._security("mechanism-refused", method="USER/PASS", reason="USER/PASS requires TLS")
         return POP3Error(PLAINTEXT_REFUSED)
 
-    def _do_USER(self, argument: str) -> None:
+    def _check_user_pass(self) -> None:
+        """USER/PASS is refused before TLS by the policy, and always when [security] methods
+        enables neither PLAIN nor LOGIN (the cleartext methods it belongs with, as IMAP LOGIN)."""
         if self._user_pass_needs_tls():
             raise self._plaintext_refused()
+        if not _plaintext_enabled(self._session.mechanisms()):
+            self._security("mechanism-refused", method="USER/PASS", reason="PLAIN and LOGIN are disabled")
+            raise POP3Error(PLAINTEXT_DISABLED)
+
+    def _do_USER(self, argument: str) -> None:
+        self._check_user_pass()
         name = argument.strip(" ")
         if not name:
             raise POP3Error("Syntax: USER name")
@@ -586,8 +599,7 @@ class POP3Server(Protocol):
 
     def _do_PASS(self, argument: str) -> Deferred[None]:
         user, self._user = self._user, None
-        if self._user_pass_needs_tls():
-            raise self._plaintext_refused()
+        self._check_user_pass()
         if user is None:
             raise POP3Error("Send USER first")
         # The whole rest of the line is the password: spaces are allowed in it.
