@@ -55,6 +55,7 @@ from kms.auth.errors import (
 from kms.auth.policy import Decision, SecurityPolicy, may_authenticate, may_use_command
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
+from kms.lines import TOO_LONG, LineReader
 from kms.net import set_tcp_nodelay
 from kms.pop3.commands import (
     TEMPORARY_CODES,
@@ -225,7 +226,7 @@ class POP3Server(Protocol):
         self._drop: _Maildrop | None = None
         self._sender: _Sender | None = None
         self._inbox = bytearray()
-        self._discarding = False  # dropping the rest of an over-long line
+        self._lines = LineReader(settings.max_line)
         self._waiting = False  # a command's Deferred (or a message being sent) has the turn
         self._pumping = False
         self._paused = False
@@ -313,26 +314,10 @@ class POP3Server(Protocol):
     def _step(self) -> bool:
         """Consume one line (or one dropped piece of an over-long one); False: need more input."""
         inbox = self._inbox
-        newline = inbox.find(b"\n")
-        if self._discarding:
-            if newline < 0:
-                inbox.clear()
-                return False
-            del inbox[: newline + 1]
-            self._discarding = False
-            return True
-        limit = self.settings.max_line
-        if newline < 0:
-            if len(inbox) > limit + 1:  # +1: a CR may still be waiting for its LF
-                inbox.clear()
-                self._discarding = True
-                self._line_too_long()
+        line = self._lines.take(inbox)
+        if line is None:
             return False
-        line = bytes(inbox[:newline])
-        del inbox[: newline + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > limit:
+        if line is TOO_LONG:
             self._line_too_long()
         elif self._sasl is not None:
             self._auth_response(self._sasl, line)

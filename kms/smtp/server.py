@@ -43,6 +43,7 @@ from kms.auth.errors import (
 )
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
+from kms.lines import TOO_LONG, LineReader
 from kms.net import set_tcp_nodelay
 from kms.smtp.commands import DataReader, parse_command, parse_helo, parse_mail, parse_rcpt
 from kms.smtp.interfaces import Envelope, MailBackend, Refusal, Spool
@@ -160,7 +161,7 @@ class SMTPServer(Protocol):
         self._data: _DataPhase | None = None
         self._sasl: SASLExchange | None = None
         self._inbox = bytearray()
-        self._discarding = False  # dropping the rest of an over-long line
+        self._lines = LineReader(settings.max_command_line)
         self._waiting = False  # a command's Deferred has the turn
         self._pumping = False
         self._paused = False
@@ -244,26 +245,10 @@ class SMTPServer(Protocol):
             inbox.clear()
             inbox += self._feed_data(self._data, chunk)
             return True
-        newline = inbox.find(b"\n")
-        if self._discarding:
-            if newline < 0:
-                inbox.clear()
-                return False
-            del inbox[: newline + 1]
-            self._discarding = False
-            return True
-        limit = self.settings.max_command_line
-        if newline < 0:
-            if len(inbox) > limit + 1:  # +1: a CR may still be waiting for its LF
-                inbox.clear()
-                self._discarding = True
-                self._line_too_long()
+        line = self._lines.take(inbox)
+        if line is None:
             return False
-        line = bytes(inbox[:newline])
-        del inbox[: newline + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > limit:
+        if line is TOO_LONG:
             self._line_too_long()
         elif self._sasl is not None:
             self._auth_response(self._sasl, line)
