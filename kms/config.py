@@ -667,4 +667,6 @@ def runtime_problems(cfg: Config) -> list[str]:
     parent = cfg.store.path.parent
     if not parent.is_dir():
         problems.append(f"store.path: parent folder {parent} does not exist")
+    if cfg.master.enabled and not (cfg.store.path / "master.json").is_file():
+        problems.append("master.enabled: no master password is set (kmsctl master set-password)")
     return problems

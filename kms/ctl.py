@@ -12,14 +12,18 @@ import argparse
 import getpass
 import sqlite3
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kms.auth import master
+from kms.auth.lockout import LockoutDB, account_name
 from kms.auth.matrix import method_warnings, usable_methods
 from kms.auth.passwords import InvalidToken, StoreKey, StoreKeyError
 from kms.config import Config, ConfigError, config_warnings, load_config, runtime_problems
+from kms.logs import Logs
 from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address, reversible_password
 from kms.tls import generate_dev_certificate
 
@@ -257,6 +261,59 @@ def _dev_setup(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _lockout_db(cfg: Config) -> LockoutDB:
+    return LockoutDB(_store_dir(cfg) / "lockout.db")
+
+
+def _lockout_list(cfg: Config, args: argparse.Namespace) -> int:
+    db = _lockout_db(cfg)
+    try:
+        now = time.time()
+        locks = [lock for lock in db.locks() if lock.until > now]
+    finally:
+        db.close()
+    width = max([len("ACCOUNT"), *(len(lock.account) for lock in locks)])
+    ip_width = max([len("IP"), *(len(lock.ip) for lock in locks)])
+    print(f"{'ACCOUNT':<{width}}  {'IP':<{ip_width}}  {'SINCE':<25}  UNTIL")
+    for lock in locks:
+        since, until = _timestamp(lock.since), _timestamp(lock.until)
+        print(f"{lock.account:<{width}}  {lock.ip:<{ip_width}}  {since:<25}  {until}")
+    return 0
+
+
+def _lockout_unlock(cfg: Config, args: argparse.Namespace) -> int:
+    account = None if args.account is None else account_name(args.account, cfg.domains.local[0])
+    db = _lockout_db(cfg)
+    try:
+        removed = db.unlock(account)
+    finally:
+        db.close()
+    logs = Logs(_store_dir(cfg) / "logs")
+    try:
+        for lock in removed:
+            logs.security("lockout-unlocked", user=lock.account, ip=lock.ip, reason="kmsctl")
+    finally:
+        logs.close()
+    if account is not None and not removed:
+        print(f"{account} was not locked")
+    for lock in removed:
+        print(f"unlocked {lock.account} (locked by {lock.ip})")
+    return 0
+
+
+def _master_set_password(cfg: Config, args: argparse.Namespace) -> int:
+    password = _read_password(args.password_stdin)
+    store = _store_dir(cfg)
+    master.save(store / "master.json", password, _store_key(cfg))
+    logs = Logs(store / "logs")
+    try:
+        logs.security("master-password-set", reason="kmsctl")
+    finally:
+        logs.close()
+    print("master password set")
+    return 0
+
+
 Command = Callable[[Config, argparse.Namespace], int]
 
 
@@ -326,6 +383,45 @@ def _parser() -> argparse.ArgumentParser:
     address_verb("disable", lambda c, a: _set_enabled(c, a, False), "refuse every login of a user")
     lst = user_verbs.add_parser("list", help="list users", description="List address, storage, enabled.")
     lst.set_defaults(func=_user_list)
+
+    lockout = verbs.add_parser(
+        "lockout", help="list and unlock locked accounts", description="Account lockout (SPEC §6)."
+    )
+    lockout_verbs = lockout.add_subparsers(dest="lockout_verb", required=True, metavar="ACTION")
+    llist = lockout_verbs.add_parser(
+        "list", help="list locked accounts", description="List account, locking IP, since and until (UTC)."
+    )
+    llist.set_defaults(func=_lockout_list)
+    unlock = lockout_verbs.add_parser(
+        "unlock", help="unlock one account", description="Unlock an account now and reset its counters."
+    )
+    unlock.add_argument(
+        "account", metavar="NAME", help="the account, local@domain (or local: default domain)"
+    )
+    unlock.set_defaults(func=_lockout_unlock)
+    unlock_all = lockout_verbs.add_parser(
+        "unlock-all",
+        help="unlock every account now",
+        description="Unlock every account and reset all counters.",
+    )
+    unlock_all.set_defaults(func=_lockout_unlock, account=None)
+
+    master_parser = verbs.add_parser(
+        "master", help="master authentication", description="Master authentication (SPEC §7)."
+    )
+    master_verbs = master_parser.add_subparsers(dest="master_verb", required=True, metavar="ACTION")
+    set_password = master_verbs.add_parser(
+        "set-password",
+        help="set the master password",
+        description="Set the master password: stored hashed (PBKDF2) and, for IMAP X-MASTERAUTH, "
+        "encrypted with the store key.",
+    )
+    set_password.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input instead of asking twice",
+    )
+    set_password.set_defaults(func=_master_set_password)
     return parser
 
 
@@ -349,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except StoreKeyError as e:
         print(f"kmsctl: store key: {e}", file=sys.stderr)
     except sqlite3.Error as e:
-        print(f"kmsctl: user database: {e}", file=sys.stderr)
+        print(f"kmsctl: database: {e}", file=sys.stderr)
     except OSError as e:
         print(f"kmsctl: {e}", file=sys.stderr)
     return 1

@@ -26,6 +26,8 @@ from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.lockout import Lockout, LockoutDB, LockoutSettings
+from kms.auth.master import Master
 from kms.auth.ntlm import NTLM
 from kms.auth.passwords import StoreKey
 from kms.auth.policy import SecurityPolicy, engine_policy
@@ -60,6 +62,8 @@ class StorePaths:
         self.logs = root / "logs"
         self.users_db = root / "users.db"
         self.store_key = root / "store.key"
+        self.lockout_db = root / "lockout.db"
+        self.master = root / "master.json"
 
     def create(self) -> None:
         for d in (self.root, self.mail, self.tmp):
@@ -189,6 +193,33 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         on_delivered=mail_store.delivered,
     )
 
+    lockout: Lockout | None = None
+    if cfg.lockout.enabled:
+        exception_group = cfg.group(cfg.security.exception_group)
+        lockout_db = LockoutDB(paths.lockout_db)
+        _Stoppable("lockout-db", lambda: None, lockout_db.close).setServiceParent(top)
+        lockout_settings = LockoutSettings(
+            attempts=cfg.lockout.attempts,
+            unlock_after=cfg.lockout.unlock_after,
+            exempt_known_ips=cfg.lockout.exempt_known_ips,
+            excepted=exception_group.contains,
+            default_domain=default_domain,
+        )
+        lockout = Lockout(lockout_db, lockout_settings, auth_pool, reactor, reactor)
+
+    master: Master | None = None
+    if cfg.master.enabled:
+
+        def find_user(username: str) -> str | None:
+            try:
+                record = users.get(local_users.qualify(username))
+            except ValueError:
+                return None
+            return record.address if record is not None and record.enabled else None
+
+        group = cfg.group(cfg.master.group)
+        master = Master(paths.master, key, group.contains, find_user, auth_pool, reactor)
+
     def session_factory(client: ClientInfo) -> LoginSession:
         return LoginSession(
             portal,
@@ -198,6 +229,8 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             clock=reactor,
             hostname=cfg.server.hostname,
             scram_lookup=local_users.scram_parameters,
+            lockout=lockout,
+            master=master,
         )
 
     tls_context: Any = None

@@ -182,6 +182,10 @@ class LoginSession(TypingProtocol):
 
     def login_plaintext(self, username: str, password: str, method: str) -> Deferred[Authenticated]: ...
 
+    def master_challenge(self) -> str | None: ...
+
+    def master_answer(self, answer: str) -> Deferred[None]: ...
+
     def logout(self) -> None: ...
 
 
@@ -309,6 +313,7 @@ class IMAPServer(Protocol):
             "STARTTLS": (self._do_STARTTLS, frozenset({NOT_AUTHENTICATED})),
             "LOGIN": (self._do_LOGIN, frozenset({NOT_AUTHENTICATED})),
             "AUTHENTICATE": (self._do_AUTHENTICATE, frozenset({NOT_AUTHENTICATED})),
+            "X-MASTERAUTH": (self._do_X_MASTERAUTH, frozenset({NOT_AUTHENTICATED})),
             "ENABLE": (self._do_ENABLE, frozenset({AUTHENTICATED})),
             "NAMESPACE": (self._do_NAMESPACE, _AUTH),
             "SELECT": (lambda args: self._select(args, readonly=False), _AUTH),
@@ -804,6 +809,32 @@ class IMAPServer(Protocol):
         done: Deferred[Result] = Deferred()
         self._auth_step(exchange, data, done)
         return done
+
+    def _do_X_MASTERAUTH(self, args: Arguments) -> Reply:
+        """Kerio's master authentication (SPEC §7): ``+ <challenge>``, hex MD5(challenge + password).
+
+        Refused like an unknown command for clients outside ``[master] group``.
+        """
+        args.end()
+        challenge = self._session.master_challenge()
+        if challenge is None:
+            return ("BAD", "", "Unknown command X-MASTERAUTH")  # as for any unknown command
+        done: Deferred[Result] = Deferred()
+        self._out.append(b"+ " + challenge.encode("ascii") + b"\r\n")
+        self._line_consumer = lambda line: self._master_line(line, done)
+        self._pump()
+        return done
+
+    def _master_line(self, line: Line, done: Deferred[Result]) -> None:
+        self._line_consumer = None
+        if line.too_long:
+            done.callback(("BAD", "", "X-MASTERAUTH response too long"))
+            return
+        d = self._session.master_answer(line.data.decode("ascii", "replace"))
+        d.addCallbacks(
+            lambda _: done.callback(("OK", "", "X-MASTERAUTH Welcome to server, master")),
+            lambda failure: done.callback(self._login_failed(failure)),
+        )
 
     def _auth_step(self, exchange: SASLExchange, data: bytes | None, done: Deferred[Result]) -> None:
         def answered(result: Challenge | Authenticated) -> None:
