@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -298,6 +299,62 @@ class UidTests(StoreCase):
         self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
         self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
         self.assertEqual(view.messages[0].flags, {"\\Seen"})  # keywords live in the cache only
+
+    async def test_version_1_cache_converted_in_place(self) -> None:
+        """A cache of schema 1 (name and keywords in the messages rows) is converted, not rebuilt:
+        no message is analysed again and keywords, which only the cache holds, survive."""
+        uidvalidity, uids = await self.fill()
+        await self.store.close()
+        db = sqlite3.connect(self.root / CACHE)
+        db.executescript(
+            """
+            CREATE TABLE v1 (
+                uid INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL, date REAL NOT NULL,
+                keywords TEXT NOT NULL, headers BLOB NOT NULL, meta TEXT NOT NULL);
+            INSERT INTO v1 SELECT m.uid, s.name, m.size, m.date, s.keywords, m.headers, m.meta
+                FROM messages AS m JOIN state AS s ON s.uid = m.uid;
+            DROP TABLE messages; DROP TABLE state; ALTER TABLE v1 RENAME TO messages;
+            PRAGMA user_version=1;
+            """
+        )
+        db.close()
+        analysed: list[bytes] = []
+
+        def counting(wire: bytes) -> Mapping[str, object]:
+            analysed.append(wire)
+            return analyze(wire)
+
+        store = MailStore(self.mail_root, self.pool, reactor, counting)
+        self.addCleanup(store.close)
+        view = await self.open(store=store)
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual(analysed, [])
+        self.assertEqual(view.messages[0].flags, {"\\Seen", "work"})
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+        self.assertIn(b"Subject: two", view.messages[1].headers)
+        db = sqlite3.connect(self.root / CACHE)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (2,))
+        keywords = db.execute("SELECT uid, keywords FROM state ORDER BY uid").fetchall()
+        self.assertEqual(keywords[0], (1, "work"))
+        # and the converted cache takes flag changes like a new one
+        await view.store([uids[1]], ["\\Flagged", "later"], "+")
+        view.close()
+        await store.close()
+        view = await self.reopen()
+        self.assertEqual(view.messages[1].flags, {"\\Flagged", "later"})
+        self.assertEqual(analysed, [])
+
+    async def test_unknown_cache_version_rebuilt(self) -> None:
+        uidvalidity, uids = await self.fill()
+        await self.store.close()
+        db = sqlite3.connect(self.root / CACHE)
+        db.execute("PRAGMA user_version=99")
+        db.close()
+        view = await self.reopen()
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+        self.assertEqual(view.messages[0].flags, {"\\Seen"})  # keywords lost with the cache
 
     async def test_rebuild_from_corrupt_cache(self) -> None:
         uidvalidity, uids = await self.fill()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+
 from twisted.trial.unittest import TestCase
 
 from kms.store.index import (
     LazyMeta,
     UidValidities,
+    _fast_info,
+    _GcPaused,
     delivery_order,
     message_flags,
     name_with_flags,
@@ -16,6 +21,7 @@ from kms.store.index import (
     uidlist_header,
     uidlist_lines,
 )
+from kms.store.interfaces import MessageInfo
 
 
 class FlagNameTests(TestCase):
@@ -127,3 +133,39 @@ class UidValidityTests(TestCase):
         fresh = UidValidities(clock=lambda: 1700000000.5)
         self.assertEqual([fresh(), fresh(), fresh(above=1800000000)], [1700000000, 1700000001, 1800000001])
         self.assertEqual(fresh(above=2**32), 1700000000)  # nonsense hints are ignored
+
+
+class FastInfoTests(TestCase):
+    def test_same_as_the_constructor(self) -> None:
+        """The infos a cold load makes without ``__init__`` are ordinary frozen MessageInfos."""
+        meta = LazyMeta('{"subject": "hi"}')
+        args = (7, 1234, 1700000000.5, frozenset({"\\Seen", "work"}), b"Subject: hi\r\n\r\n", meta)
+        fast, slow = _fast_info(*args), MessageInfo(*args)
+        self.assertIs(type(fast), MessageInfo)
+        self.assertEqual(fast, slow)
+        self.assertEqual(repr(fast), repr(slow))
+        self.assertEqual(dataclasses.astuple(fast)[:5], args[:5])
+        self.assertEqual(dataclasses.replace(fast, uid=8), dataclasses.replace(slow, uid=8))
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            fast.uid = 9  # type: ignore[misc]
+
+
+class GcPausedTests(TestCase):
+    def test_nested_pauses_restore_the_collector_once(self) -> None:
+        self.addCleanup(gc.enable)
+        paused = _GcPaused()
+        gc.enable()
+        with paused:
+            self.assertFalse(gc.isenabled())
+            with paused:
+                self.assertFalse(gc.isenabled())
+            self.assertFalse(gc.isenabled())  # the outer (or another thread's) load still runs
+        self.assertTrue(gc.isenabled())
+
+    def test_a_disabled_collector_stays_disabled(self) -> None:
+        self.addCleanup(gc.enable)
+        paused = _GcPaused()
+        gc.disable()
+        with paused:
+            pass
+        self.assertFalse(gc.isenabled())
