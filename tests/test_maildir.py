@@ -236,7 +236,7 @@ class MaildirWriterTests(TestCase):
 
     async def test_each_new_dir_fsynced_once_per_batch(self) -> None:
         synced: list[Path] = []
-        real = maildir._fsync_dir
+        real = maildir.fsync_dir
 
         def counting(directory: Path) -> None:
             synced.append(directory)
@@ -244,7 +244,7 @@ class MaildirWriterTests(TestCase):
 
         root = self.maildir("m")
         other = self.maildir("o")
-        self.patch(maildir, "_fsync_dir", counting)
+        self.patch(maildir, "fsync_dir", counting)
         writer = self.make_writer(workers=1, max_batch=16)
         gate = GatedSpool(b"first\n")
         first = writer.deliver([Copy(root, b"", gate)])

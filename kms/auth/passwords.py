@@ -32,6 +32,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kms.fsutil import fsync_dir
+
 KEY_SIZE = 32
 _NONCE_SIZE = 12
 _TOKEN_VERSION = "v1"
@@ -100,7 +102,7 @@ class StoreKey:
             except FileExistsError:
                 pass  # another process won the race: use its key
             else:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         finally:
             os.unlink(tmp)
         return cls._load(path)
@@ -162,14 +164,6 @@ def _mkstemp_beside(path: Path) -> tuple[int, str]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), str(tmp)
         except FileExistsError:
             continue
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

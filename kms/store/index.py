@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 from twisted.logger import Logger
 
+from kms.fsutil import fsync_dir, write_all
 from kms.store.interfaces import SYSTEM_FLAGS, Analyzer, MailboxError, MessageInfo
 from kms.store.maildir import ensure_maildir, maildir_name
 from kms.wireform import header_section, wire_form
@@ -766,7 +767,7 @@ class FolderFiles:
         final = name_with_flags(base, flags)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             date = time.time() if internal_date is None else internal_date
             os.utime(fd, (date, date))
             date = os.fstat(fd).st_mtime  # what a rebuild will read back
@@ -938,7 +939,7 @@ class FolderFiles:
         tmp = self.path / (UIDLIST + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -954,7 +955,7 @@ class FolderFiles:
         """Append and fsync; on failure the log is cut back, so no half line stays behind."""
         data = uidlist_lines(lines)
         try:
-            _write_all(self._uidlist_fd, data)
+            write_all(self._uidlist_fd, data)
             os.fdatasync(self._uidlist_fd)
         except BaseException:
             try:
@@ -998,26 +999,12 @@ def _copy_file(source: Path, target: Path, tmp: Path) -> None:
         mtime = os.fstat(f.fileno()).st_mtime
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.utime(fd, (mtime, mtime))
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, target)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kms.fsutil import fsync_dir
 from kms.positions import delete_positions
 from kms.store.index import (
     Counts,
@@ -59,7 +60,6 @@ from kms.store.index import (
     Loaded,
     UidValidities,
     flag_tally,
-    fsync_dir,
     normalize_flags,
 )
 from kms.store.interfaces import (

@@ -30,6 +30,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
+from kms.fsutil import fsync_dir, write_all
+
 _MAX_PART = 255  # bytes: the usual file-name limit
 _CHUNK = 1 << 16
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -83,7 +85,7 @@ def ensure_maildir(root: Path) -> None:
             directory.mkdir(mode=0o700)
         except FileExistsError:
             continue
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 def sanitize_hostname(hostname: str) -> str:
@@ -288,7 +290,7 @@ def _commit_batch(jobs: Sequence[_Job], names: Callable[[], str]) -> list[tuple[
     broken: dict[Path, Failure] = {}
     for directory in {final.parent for e in published for _, final in e.files}:
         try:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError:
             broken[directory] = Failure()
     outcomes: list[tuple[_Job, list[Path] | Failure]] = []
@@ -336,7 +338,7 @@ def _write_file(path: Path, copy: Copy) -> tuple[int, int]:
             chunk = copy.header + body.read(_CHUNK)  # one write for the common small message
             size = 0
             while chunk:
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
                 size += len(chunk)
                 chunk = body.read(_CHUNK)
     except BaseException:
@@ -352,20 +354,6 @@ def _close_all(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_all(paths: Iterable[Path]) -> None:
