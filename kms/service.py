@@ -191,6 +191,9 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         hide_local_ip=cfg.misc.hide_local_ip,
         x_envelope_to=cfg.misc.x_envelope_to,
         on_delivered=mail_store.delivered,
+        decode_tnef=cfg.misc.decode_tnef,
+        decode_uuencode=cfg.misc.decode_uuencode,
+        max_message_size=cfg.smtp.max_message_size,
     )
 
     lockout: Lockout | None = None

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
 from kms.clientinfo import ClientInfo
+from kms.convert import ConversionReport, convert_message
 from kms.ipgroups import IPGroup
 from kms.logs import Logs
 from kms.smtp.interfaces import Envelope, Refusal, Spool
@@ -195,6 +196,9 @@ class LocalDelivery:
         hide_local_ip: bool,
         x_envelope_to: bool,
         on_delivered: Callable[[str], None] | None = None,
+        decode_tnef: bool = False,
+        decode_uuencode: bool = False,
+        max_message_size: int | None = None,
     ) -> None:
         self.hostname = hostname
         self.rules = rules
@@ -210,6 +214,9 @@ class LocalDelivery:
         self.x_envelope_to = x_envelope_to
         self._maildirs: dict[str, Path] = {}
         self._on_delivered = on_delivered
+        self.decode_tnef = decode_tnef
+        self.decode_uuencode = decode_uuencode
+        self.max_message_size = max_message_size
 
     def check_sender(
         self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
@@ -248,11 +255,15 @@ class LocalDelivery:
         now = self.reactor.seconds()
         queue_id = new_queue_id(now)
         targets: dict[str, str] = {}  # mailbox -> the first recipient that reached it
-        d = maybeDeferred(self._route, envelope, targets)
-        d.addCallback(lambda _: self.writer.deliver(self._copies(envelope, spool, queue_id, now, targets)))
+        converted: list[Spool] = []
+        d: Deferred[Any] = maybeDeferred(self._route, envelope, targets)
+        d.addCallback(lambda _: self._convert(envelope, spool, converted))
+        d.addCallback(lambda body: self.writer.deliver(self._copies(envelope, body, queue_id, now, targets)))
 
         def done(result: object) -> object:
             spool.discard()
+            for extra in converted:
+                extra.discard()
             return result
 
         def logged(_: object) -> str:
@@ -272,6 +283,40 @@ class LocalDelivery:
             return queue_id
 
         return d.addBoth(done).addCallback(logged)
+
+    def _convert(self, envelope: Envelope, spool: Spool, converted: list[Spool]) -> Deferred[Spool] | Spool:
+        """TNEF/uuencode to MIME (SPEC §9), off the reactor; the body to deliver (maybe a new spool)."""
+        if not (self.decode_tnef or self.decode_uuencode):
+            return spool
+
+        def work() -> tuple[Spool, ConversionReport]:
+            with spool.open() as f:
+                data = f.read()
+            out, report = convert_message(
+                data, tnef=self.decode_tnef, uuencode=self.decode_uuencode, max_size=self.max_message_size
+            )
+            if out is data:
+                return spool, report
+            fresh = self.new_spool()
+            converted.append(fresh)
+            fresh.write(out)
+            return fresh, report
+
+        def report(result: tuple[Spool, ConversionReport]) -> Spool:
+            body, rep = result
+            if self.logs.debug_enabled("message_decoding"):
+                for what in rep.converted:
+                    self.logs.debug("message_decoding", "converted", envelope.client, detail=what)
+                for why in rep.problems:
+                    self.logs.debug("message_decoding", "kept", envelope.client, detail=why)
+            return body
+
+        def failed(reason: Any) -> Spool:
+            # never lose a message over a conversion: deliver what was received
+            self.logs.debug("message_decoding", "failed", envelope.client, detail=str(reason.value))
+            return spool
+
+        return deferToThreadPool(self.reactor, self.pool, work).addCallbacks(report, failed)
 
     def _route(self, envelope: Envelope, targets: dict[str, str]) -> Deferred[None] | None:
         """Fill ``targets``; locate (off the reactor) maildirs not seen before in this process."""

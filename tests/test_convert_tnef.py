@@ -1,0 +1,294 @@
+"""TNEF (winmail.dat) to MIME: every sample in the shared testdata, name sanitizing, limits."""
+
+from __future__ import annotations
+
+import base64
+import os
+from email import message_from_bytes
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import default
+
+import tnefparse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SkipTest, TestCase
+
+from kms.convert import convert_message
+from kms.convert.names import attachment_part, sanitize_filename
+from kms.convert.rtf import RTFError, decompress_rtf
+from kms.convert.tnef import TNEFError, decode_tnef
+
+# Samples from tnefparse 1.4.0 (tests/examples, LGPL v3), see /work/shared/testdata/README.md.
+SAMPLES = os.environ.get("KMS_TNEF_SAMPLES", "/work/shared/testdata/tnef")
+
+GOOD = {
+    "one-file.tnef": ["AUTHORS"],
+    "two-files.tnef": ["AUTHORS", "README"],
+    "body.tnef": [],
+    "rtf.tnef": [],
+    "triples.tnef": [],
+    "umlaut.tnef": ["TBZ PARIV GmbH.jpg", "image003.jpg", "UmlautAnhang-äüö.txt"],
+    "long-filename.tnef": ["allproductsmar2000.dat"],
+    "missing-filenames.tnef": [
+        "generpts.src",
+        "TechlibDEC99.doc",
+        "TechlibDEC99-JAN00.doc",
+        "TechlibNOV99.doc",
+    ],
+    "data-before-name.tnef": ["AUTOEXEC.BAT", "CONFIG.SYS", "boot.ini"],
+    "MAPI_ATTACH_DATA_OBJ.tnef": ["VIA_Nytt_1402.doc", "VIA_Nytt_1402.pdf", "VIA_Nytt_14021.htm"],
+    "MAPI_OBJECT.tnef": ["Untitled_Attachment"],
+    "multi-value-attribute.tnef": ["208225__5_seconds__Voice_Mail.mp3"],
+    "unicode-mapi-attr-name.tnef": ["spaconsole2.cfg", "image001.png", "image002.png", "image003.png"],
+    "unicode-mapi-attr.tnef": ["example.dat"],
+}
+BODY_TYPES = {
+    "body.tnef": ["text/html"],
+    "rtf.tnef": ["text/rtf"],
+    "triples.tnef": ["text/plain"],
+    "unicode-mapi-attr.tnef": ["text/plain", "text/html"],
+    "umlaut.tnef": ["text/rtf"],
+}
+BAD = {
+    "bad_checksum.tnef": "checksum",
+    "duplicate_filename.tnef": "checksum",
+    "IPM-DistList.tnef": "checksum",
+    "garbage-at-end.tnef": "trailing garbage",
+    "multi-name-property.tnef": "neither a body nor attachments",
+}
+
+
+def sample(name: str) -> bytes:
+    path = os.path.join(SAMPLES, name)
+    if not os.path.exists(path):
+        raise SkipTest(f"TNEF sample {path} not available")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def wrap(tnef: bytes, linesep: str = "\r\n") -> bytes:
+    msg = MIMEMultipart("mixed")
+    msg["From"] = "a@example.test"
+    msg["To"] = "b@example.test"
+    msg["Subject"] = "winmail"
+    msg.attach(MIMEText("see attached\n"))
+    part = MIMEApplication(tnef, "ms-tnef")
+    part.add_header("Content-Disposition", "attachment", filename="winmail.dat")
+    msg.attach(part)
+    return msg.as_bytes(policy=default.clone(linesep=linesep))
+
+
+def attachments(data: bytes) -> list[tuple[str, str | None, bytes]]:
+    msg = message_from_bytes(data, policy=default)
+    return [
+        (p.get_content_type(), p.get_filename(), p.get_payload(decode=True))
+        for p in msg.walk()
+        if not p.is_multipart()
+    ]
+
+
+class SampleTests(TestCase):
+    def test_good_samples(self) -> None:
+        for name, expected in GOOD.items():
+            raw = sample(name)
+            parsed = tnefparse.TNEF(raw)
+            out, report = convert_message(wrap(raw))
+            self.assertTrue(report.changed, (name, report))
+            self.assertEqual(report.problems, [], name)
+            parts = attachments(out)
+            self.assertEqual(parts[0][:2], ("text/plain", None))
+            self.assertNotIn("application/ms-tnef", [p[0] for p in parts], name)
+            named = [(f, d) for (_, f, d) in parts if f]
+            self.assertEqual([f for f, _ in named], expected, name)
+            # identical bytes
+            self.assertEqual([d for _, d in named], [bytes(a.data) for a in parsed.attachments], name)
+            if name in BODY_TYPES:
+                bodies = [t for (t, f, _) in parts[1:] if f is None]
+                self.assertEqual(bodies, BODY_TYPES[name], name)
+
+    def test_rtf_body_is_rtf(self) -> None:
+        out, _ = convert_message(wrap(sample("rtf.tnef")))
+        rtf = [d for (t, _, d) in attachments(out) if t == "text/rtf"][0]
+        self.assertTrue(rtf.startswith(b"{\\rtf1"))
+        self.assertTrue(rtf.rstrip().endswith(b"}"))
+
+    def test_bad_samples_kept(self) -> None:
+        for name, reason in BAD.items():
+            raw = sample(name)
+            original = wrap(raw)
+            out, report = convert_message(original)
+            self.assertIs(out, original, name)
+            self.assertFalse(report.changed)
+            self.assertEqual(len(report.problems), 1, name)
+            self.assertIn(reason, report.problems[0], name)
+            self.assertIn("winmail.dat", report.problems[0])
+
+    def test_lf_message(self) -> None:
+        out, report = convert_message(wrap(sample("two-files.tnef"), "\n"))
+        self.assertTrue(report.changed)
+        self.assertNotIn(b"\r\n", out)
+        self.assertEqual([f for (_, f, _) in attachments(out) if f], ["AUTHORS", "README"])
+
+    def test_crlf_message(self) -> None:
+        out, report = convert_message(wrap(sample("two-files.tnef")))
+        self.assertTrue(report.changed)
+        self.assertNotIn(b"\n", out.replace(b"\r\n", b""))
+
+    def test_single_part_tnef_message(self) -> None:
+        raw = sample("one-file.tnef")
+        msg = (
+            b"From: a@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: application/ms-tnef; name=winmail.dat\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(raw).replace(b"\n", b"\r\n")
+        )
+        out, report = convert_message(msg)
+        self.assertTrue(report.changed)
+        parsed = message_from_bytes(out, policy=default)
+        self.assertEqual(parsed.get_content_type(), "multipart/mixed")
+        self.assertEqual(parsed["Subject"], "x")
+        self.assertEqual([f for (_, f, _) in attachments(out) if f], ["AUTHORS"])
+
+    def test_octet_stream_winmail_dat(self) -> None:
+        raw = sample("one-file.tnef")
+        msg = MIMEMultipart()
+        part = MIMEApplication(raw)
+        part.add_header("Content-Disposition", "attachment", filename="WINMAIL.DAT")
+        msg.attach(part)
+        out, report = convert_message(msg.as_bytes())
+        self.assertTrue(report.changed)
+
+    def test_disabled(self) -> None:
+        original = wrap(sample("one-file.tnef"))
+        out, report = convert_message(original, tnef=False)
+        self.assertIs(out, original)
+
+    def test_non_ascii_name_rfc2231(self) -> None:
+        out, _ = convert_message(wrap(sample("umlaut.tnef")))
+        self.assertIn(b"filename*=utf-8''UmlautAnhang-%C3%A4%C3%BC%C3%B6.txt", out)
+
+    def test_size_limit(self) -> None:
+        raw = sample("two-files.tnef")
+        original = wrap(raw)
+        out, report = convert_message(original, max_size=1000)
+        self.assertIs(out, original)
+        self.assertIn("size limit", report.problems[0])
+        # the converted message as a whole must also fit
+        converted, _ = convert_message(original)
+        out, report = convert_message(original, max_size=len(converted) - 1)
+        self.assertIs(out, original)
+        self.assertIn("exceed the maximum size", report.problems[0])
+        with self.assertRaises(TNEFError) as e:
+            decode_tnef(raw, max_size=500)
+        self.assertIn("size limit", str(e.exception))
+
+    def test_expansion_limit(self) -> None:
+        # ratio limit: decoded content may not exceed 4x the TNEF size
+        raw = sample("one-file.tnef")
+        import kms.convert.tnef as t
+
+        self.patch(t, "EXPANSION_FACTOR", 0.05)
+        with self.assertRaises(TNEFError):
+            decode_tnef(raw)
+
+    def test_not_tnef(self) -> None:
+        for data in (b"", b"xx", b"\x00" * 100, b"\x78\x9f\x3e\x22" + b"\xff" * 50):
+            with self.assertRaises(TNEFError):
+                decode_tnef(data)
+
+    def test_truncated_samples_never_raise_other(self) -> None:
+        raw = sample("two-files.tnef")
+        for cut in range(0, len(raw), 37):
+            try:
+                decode_tnef(raw[:cut])
+            except TNEFError:
+                pass
+
+
+class RTFTests(TestCase):
+    def test_short(self) -> None:
+        self.assertRaises(RTFError, decompress_rtf, b"abc")
+
+    def test_uncompressed_mela(self) -> None:
+        body = b"{\\rtf1 hi}"
+        import struct
+
+        data = struct.pack("<IIII", len(body) + 12, len(body), 0x414C454D, 0) + body
+        self.assertEqual(decompress_rtf(data), body)
+
+    def test_spec_example(self) -> None:
+        # MS-OXRTFCP 3.1.1 example
+        data = bytes.fromhex(
+            "2d0000002b0000004c5a4675f1c5c7a703000a007263706731323542320af32068656c090020627705b06c647d0a800fa0"
+        )
+        self.assertEqual(decompress_rtf(data), b"{\\rtf1\\ansi\\ansicpg1252\\pard hello world}\r\n")
+
+
+class NameTests(TestCase):
+    def test_sanitize(self) -> None:
+        cases = [
+            ("report.pdf", "report.pdf"),
+            ("../../etc/passwd", "passwd"),
+            ("..\\..\\windows\\system32\\cmd.exe", "cmd.exe"),
+            ("/absolute/path.txt", "path.txt"),
+            ("C:evil.txt", "evil.txt"),
+            ("a\r\nb\x00c\x1b.txt", "abc.txt"),
+            ("", "attachment"),
+            ("..", "attachment"),
+            ("dir/", "dir"),
+            ("  .hidden ", "hidden"),
+            ("x" * 300 + ".txt", "x" * 116 + ".txt"),
+            ("y" * 300, "y" * 120),
+            ("naïve ☃.txt", "naïve ☃.txt"),
+            (b"bytes\xff.bin", "bytes\ufffd.bin"),
+        ]
+        for given_, expected in cases:
+            self.assertEqual(sanitize_filename(given_), expected, repr(given_))
+
+    def test_part_types(self) -> None:
+        self.assertEqual(attachment_part("a.pdf", b"x").get_content_type(), "application/pdf")
+        self.assertEqual(attachment_part("a.tar.gz", b"x").get_content_type(), "application/octet-stream")
+        self.assertEqual(attachment_part("noext", b"x").get_content_type(), "application/octet-stream")
+
+    @given(st.text())
+    def test_sanitize_arbitrary(self, name: str) -> None:
+        clean = sanitize_filename(name)
+        self.assertTrue(clean)
+        self.assertLessEqual(len(clean), 120)
+        self.assertNotIn("/", clean)
+        self.assertNotIn("\\", clean)
+        self.assertFalse(any(ord(c) < 32 or ord(c) == 127 for c in clean))
+        attachment_part(name, b"data").as_bytes()
+
+
+class ArbitraryTests(TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=4000))
+    def test_decode_tnef_arbitrary(self, data: bytes) -> None:
+        try:
+            decode_tnef(b"\x78\x9f\x3e\x22" + data)
+        except TNEFError:
+            pass
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=3000))
+    def test_convert_message_arbitrary(self, data: bytes) -> None:
+        out, report = convert_message(data)
+        self.assertIsInstance(out, bytes)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=2000))
+    def test_wrapped_garbage_kept(self, data: bytes) -> None:
+        original = wrap(b"\x78\x9f\x3e\x22" + data)
+        out, report = convert_message(original)
+        if not report.changed:
+            self.assertIs(out, original)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=2000))
+    def test_rtf_arbitrary(self, data: bytes) -> None:
+        try:
+            decompress_rtf(data)
+        except RTFError:
+            pass
