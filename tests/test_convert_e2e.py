@@ -19,7 +19,10 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.server import RunningServer, add_user, write_config
 
-SAMPLES = os.environ.get("KMS_TNEF_SAMPLES", "/work/shared/testdata/tnef")
+# The shared folder sits beside the checkout (as in CI); KMS_TNEF_SAMPLES overrides it.
+SAMPLES = os.environ.get(
+    "KMS_TNEF_SAMPLES", str(Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tnef")
+)
 
 
 def sample(name: str) -> bytes:

@@ -9,6 +9,7 @@ from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import default
+from pathlib import Path
 
 import tnefparse
 from hypothesis import given, settings
@@ -21,7 +22,10 @@ from kms.convert.rtf import RTFError, decompress_rtf
 from kms.convert.tnef import TNEFError, decode_tnef
 
 # Samples from tnefparse 1.4.0 (tests/examples, LGPL v3), see /work/shared/testdata/README.md.
-SAMPLES = os.environ.get("KMS_TNEF_SAMPLES", "/work/shared/testdata/tnef")
+# The shared folder sits beside the checkout (as in CI); KMS_TNEF_SAMPLES overrides it.
+SAMPLES = os.environ.get(
+    "KMS_TNEF_SAMPLES", str(Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tnef")
+)
 
 GOOD = {
     "one-file.tnef": ["AUTHORS"],
