@@ -10,6 +10,7 @@ whose certificate does not exist yet.  Relative paths resolve against the config
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -62,6 +63,28 @@ class RelayConfig:
     smarthost_credentials_file: Path | None
     require_tls: bool
     max_queue_lifetime: float
+    smarthost_tls: str = "starttls"
+    require_tls_domains: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    mx_port: int = 25
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """Where look-ups go (MX for the queue, PTR/A for client names); empty = /etc/resolv.conf."""
+
+    servers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Outbound queue behaviour (retries, delay warnings, concurrency)."""
+
+    retry_schedule: tuple[float, ...] = (300.0, 900.0, 1800.0, 3600.0)
+    delay_warning: float = 4 * 3600.0
+    max_connections: int = 20
+    max_per_domain: int = 4
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,8 @@ class Config:
     proxy: ProxyConfig | None
     update: UpdateConfig
     logs: LogsConfig = field(default_factory=lambda: LogsConfig(debug=()))
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
     def group(self, name: str) -> IPGroup:
         """The named IP group; an empty group for "" (validation guarantees the others exist)."""
@@ -368,6 +393,8 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
         "proxy",
         "update",
         "logs",
+        "dns",
+        "queue",
     }
     for name in sorted(set(data) - known):
         ld.problem(name, "unknown section")
@@ -388,6 +415,8 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     proxy = ld.section(data, "proxy", _proxy) if "proxy" in data else None
     update = ld.section(data, "update", _update)
     logs = ld.section(data, "logs", _logs)
+    dns = ld.section(data, "dns", _dns)
+    queue = ld.section(data, "queue", _queue)
 
     for key, group in (
         ("relay.local_group", relay.local_group),
@@ -424,6 +453,8 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
         proxy=proxy,
         update=update,
         logs=logs,
+        dns=dns,
+        queue=queue,
     )
 
 
@@ -505,6 +536,60 @@ def _relay(s: _Section) -> RelayConfig:
         smarthost_credentials_file=s.path("smarthost_credentials_file"),
         require_tls=s.flag("require_tls", False),
         max_queue_lifetime=s.parsed("max_queue_lifetime", "5d", parse_duration),
+        smarthost_tls=s.choice(
+            "smarthost_tls", "starttls", ("starttls", "implicit", "opportunistic", "none")
+        ),
+        require_tls_domains=tuple(d.lower() for d in s.str_list("require_tls_domains")),
+        ca_file=s.path("ca_file"),
+        mx_port=s.integer("mx_port", 25, minimum=1),
+    )
+
+
+def parse_server_address(value: str, default_port: int = 53) -> tuple[str, int]:
+    """``"192.0.2.1"``, ``"192.0.2.1:5353"``, ``"[2001:db8::1]:53"`` or ``"::1"`` -> (ip, port)."""
+    host, port = value, default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f'"{value}" is not an address')
+            port = int(rest[1:])
+    elif value.count(":") == 1:
+        host, _, p = value.partition(":")
+        port = int(p)
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f'"{value}": port out of range')
+    return host, port
+
+
+def _dns(s: _Section) -> DNSConfig:
+    servers = []
+    for value in s.str_list("servers"):
+        try:
+            servers.append(parse_server_address(value))
+        except ValueError:
+            s.loader.problem("dns.servers", f'"{value}" is not an IP address with an optional :port')
+    timeout = s.parsed("timeout", "5s", parse_duration)
+    if timeout <= 0:
+        s.loader.problem("dns.timeout", "must be more than 0")
+    return DNSConfig(servers=tuple(servers), timeout=timeout or 5.0)
+
+
+def _queue(s: _Section) -> QueueConfig:
+    schedule = []
+    for value in s.str_list("retry_schedule", ("5m", "15m", "30m", "1h")):
+        try:
+            schedule.append(parse_duration(value))
+        except ValueError as e:
+            s.loader.problem("queue.retry_schedule", str(e))
+    if not schedule or any(d <= 0 for d in schedule):
+        s.loader.problem("queue.retry_schedule", "must list at least one duration above 0")
+    return QueueConfig(
+        retry_schedule=tuple(schedule) or (300.0,),
+        delay_warning=s.parsed("delay_warning", "4h", parse_duration),
+        max_connections=s.integer("max_connections", 20, minimum=1),
+        max_per_domain=s.integer("max_per_domain", 4, minimum=1),
     )
 
 
