@@ -17,6 +17,7 @@ from kms.smtp.commands import (
     parse_mail,
     parse_path,
     parse_rcpt,
+    xtext_decode,
 )
 from kms.smtp.interfaces import Refusal
 
@@ -176,7 +177,7 @@ class MailRcptTests(TestCase):
             ("FROM:<a@x.test> SIZE=" + "9" * 21, True),
             ("FROM:<a@x.test> BODY=BINARYMIME", True),
             ("FROM:<a@x.test> SMTPUTF8=yes", True),
-            ("FROM:<a@x.test> RET=FULL", True),
+            ("FROM:<a@x.test> MT-PRIORITY=1", True),
             ("FROM:<a@x.test> SIZE=1 SIZE=2", True),
             ("FROM:<a@x.test> -bad", True),
             ("FROM:<a@x.test> X=a=b", True),
@@ -194,15 +195,49 @@ class MailRcptTests(TestCase):
         self.assertEqual(refusal(parse_mail, "FROM:<a@x.test> <b@x.test>", extended=True), (555, "5.5.4"))
 
     def test_rcpt(self) -> None:
-        """RCPT takes a forward-path (postmaster allowed), no parameters, 5.1.3 for bad paths."""
+        """RCPT takes a forward-path (postmaster allowed), only DSN parameters, 5.1.3 for bad paths."""
         self.assertEqual(parse_rcpt("TO:<b@x.test>", extended=True, utf8=False).recipient, "b@x.test")
         self.assertEqual(parse_rcpt("to:<Postmaster>", extended=False, utf8=False).recipient, "Postmaster")
         self.assertEqual(parse_rcpt("TO:<bü@x.test>", extended=True, utf8=True).recipient, "bü@x.test")
         self.assertEqual(refusal(parse_rcpt, "TO:<bü@x.test>", extended=True, utf8=False), (553, "5.6.7"))
         self.assertEqual(refusal(parse_rcpt, "TO:<>", extended=True, utf8=False), (501, "5.1.3"))
-        self.assertEqual(refusal(parse_rcpt, "TO:<b@x.test> NOTIFY=NEVER", extended=True, utf8=False)[0], 555)
+        self.assertEqual(refusal(parse_rcpt, "TO:<b@x.test> FOO=BAR", extended=True, utf8=False)[0], 555)
+        no_ehlo = refusal(parse_rcpt, "TO:<b@x.test> NOTIFY=NEVER", extended=False, utf8=False)
+        self.assertEqual(no_ehlo[0], 555)
         self.assertEqual(refusal(parse_rcpt, "FROM:<b@x.test>", extended=True, utf8=False), (501, "5.5.4"))
         self.assertEqual(refusal(parse_rcpt, "TO:<b@x.test\r>", extended=True, utf8=False), (501, "5.1.3"))
+
+
+    def test_dsn_rcpt_parameters(self) -> None:
+        """NOTIFY and ORCPT (RFC 3461 §4.1, §4.2) are kept decoded; malformed values are 501."""
+        ok = parse_rcpt(
+            "TO:<b@x.test> notify=success,Delay ORCPT=rfc822;b+2Bx+40x.test", extended=True, utf8=False
+        )
+        self.assertEqual(ok.params, {"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;b+x@x.test"})
+        self.assertEqual(parse_rcpt("TO:<b@x.test> NOTIFY=NEVER", extended=True, utf8=False).params,
+                         {"NOTIFY": "NEVER"})
+        for bad in (
+            "NOTIFY=NEVER,SUCCESS",
+            "NOTIFY=SUCCESS,SUCCESS",
+            "NOTIFY=SOMETIMES",
+            "NOTIFY",
+            "ORCPT=b@x.test",
+            "ORCPT=rfc822;",
+            "ORCPT=rfc822;b+4",
+            "ORCPT=rfc822;b+0Ax",
+            "ORCPT=rfc822;b+zzx",
+        ):
+            self.assertEqual(refusal(parse_rcpt, f"TO:<b@x.test> {bad}", extended=True, utf8=False),
+                             (501, "5.5.4"), bad)
+
+    def test_dsn_mail_parameters(self) -> None:
+        """RET and ENVID (RFC 3461 §4.3, §4.4) are accepted with valid values only."""
+        self.assertEqual(parse_mail("FROM:<a@x.test> RET=hdrs ENVID=QQ+2B1", extended=True).params,
+                         {"RET": "hdrs", "ENVID": "QQ+2B1"})
+        for bad in ("RET=ALL", "RET", "ENVID=a+0Db", "ENVID=" + "x" * 101, "ENVID=a+zz"):
+            self.assertEqual(refusal(parse_mail, f"FROM:<a@x.test> {bad}", extended=True), (555, "5.5.4"))
+        self.assertEqual(xtext_decode("a+2Bb+3D"), "a+b=")
+        self.assertIsNone(xtext_decode("a+2b"))
 
 
 # --- DATA ----------------------------------------------------------------------------------------

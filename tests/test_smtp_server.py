@@ -43,7 +43,7 @@ SETTINGS = SMTPSettings(
 )
 EHLO_REPLY = (
     b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n"
 )
 PLAIN_OK = base64.b64encode(b"\0alice\0secret")
 INTERNAL = object()  # a backend answer that fails with an unexpected exception
@@ -464,7 +464,7 @@ class TransactionTests(SMTPServerTestCase):
             b"553 5.6.7 Non-ASCII addresses require SMTPUTF8\r\n",
         )
         self.assertEqual(
-            conn.send(b"MAIL FROM:<a@x.test> RET=HDRS\r\n"), b"555 5.5.4 Unsupported parameter RET\r\n"
+            conn.send(b"MAIL FROM:<a@x.test> MTRK=1\r\n"), b"555 5.5.4 Unsupported parameter MTRK\r\n"
         )
         self.assertEqual(
             conn.send(b"MAIL FROM:<a@x.test\r>\r\n"),

@@ -219,8 +219,47 @@ def _parse_params(text: str, extended: bool) -> dict[str, str | None]:
     return params
 
 
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+MAX_ENVID = 100  # RFC 3461 §4.4
+MAX_ORCPT = 500  # §4.2: the address part is bounded by the path length; the xtext may triple it
+NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def xtext_decode(value: str) -> str | None:
+    """RFC 3461 §4 xtext to text, or None when malformed (a ``+`` not followed by two upper hex)."""
+    if "+" in value and len(_XTEXT_HEX.findall(value)) != value.count("+"):
+        return None
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def parse_notify(value: str | None) -> tuple[str, ...] | None:
+    """``NOTIFY=`` value -> ("NEVER",) or a subset of SUCCESS/FAILURE/DELAY; None when malformed."""
+    if not value:
+        return None
+    items = tuple(v.upper() for v in value.split(","))
+    if items == ("NEVER",):
+        return items
+    if not items or len(set(items)) != len(items) or not set(items) <= NOTIFY_VALUES:
+        return None
+    return items
+
+
+def parse_orcpt(value: str | None) -> str | None:
+    """``ORCPT=rfc822;bob+40example.org`` -> ``rfc822;bob@example.org``; None when malformed."""
+    if not value or len(value) > MAX_ORCPT:
+        return None
+    kind, semi, raw = value.partition(";")
+    if not semi or not _KEYWORD.fullmatch(kind) or not raw:
+        return None
+    text = xtext_decode(raw)
+    if text is None or not text.isprintable() or any(ord(c) < 0x20 for c in text):
+        return None
+    return f"{kind.lower()};{text}"
+
+
 def _check_mail_params(params: Mapping[str, str | None]) -> None:
-    """The MAIL parameters we advertise: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531)."""
+    """The MAIL parameters we advertise: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531),
+    RET and ENVID (RFC 3461)."""
     for key, value in params.items():
         if key == "SIZE":
             ok = value is not None and value.isdigit() and len(value) <= MAX_SIZE_DIGITS
@@ -228,6 +267,11 @@ def _check_mail_params(params: Mapping[str, str | None]) -> None:
             ok = value is not None and value.upper() in ("7BIT", "8BITMIME")
         elif key == "SMTPUTF8":
             ok = value is None
+        elif key == "RET":
+            ok = value is not None and value.upper() in ("FULL", "HDRS")
+        elif key == "ENVID":
+            text = xtext_decode(value) if value is not None else None
+            ok = text is not None and 0 < len(text) <= MAX_ENVID and text.isascii() and text.isprintable()
         else:
             raise Refusal(555, "5.5.4", f"Unsupported parameter {key}")
         if not ok:
@@ -246,13 +290,26 @@ def parse_mail(argument: str, *, extended: bool) -> MailCommand:
 def parse_rcpt(argument: str, *, extended: bool, utf8: bool) -> RcptCommand:
     """The argument of RCPT (``TO:<path>``); ``utf8`` says whether MAIL carried SMTPUTF8.
 
-    No RCPT parameter is advertised (no DSN), so any parameter is 555.
+    The RFC 3461 parameters NOTIFY and ORCPT are accepted; values are kept decoded (NOTIFY upper
+    case, ORCPT as ``type;address``).  Anything else is 555.
     """
     path, param_text = _split_path(argument, "TO:", "5.1.3")
     params = _parse_params(param_text, extended)
-    if params:
-        raise Refusal(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
-    return RcptCommand(parse_path(path, utf8=utf8, enhanced="5.1.3", postmaster_ok=True), params)
+    checked: dict[str, str | None] = {}
+    for key, value in params.items():
+        if key == "NOTIFY":
+            notify = parse_notify(value)
+            if notify is None:
+                raise Refusal(501, "5.5.4", "Bad value for NOTIFY")
+            checked[key] = ",".join(notify)
+        elif key == "ORCPT":
+            orcpt = parse_orcpt(value)
+            if orcpt is None:
+                raise Refusal(501, "5.5.4", "Bad value for ORCPT")
+            checked[key] = orcpt
+        else:
+            raise Refusal(555, "5.5.4", f"Unsupported parameter {key}")
+    return RcptCommand(parse_path(path, utf8=utf8, enhanced="5.1.3", postmaster_ok=True), checked)
 
 
 # --- DATA ----------------------------------------------------------------------------------------

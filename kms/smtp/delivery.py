@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -27,6 +27,8 @@ from kms.clientinfo import ClientInfo
 from kms.convert import ConversionReport, convert_message
 from kms.ipgroups import IPGroup
 from kms.logs import Logs
+from kms.queue.interfaces import QueuedRecipient, QueueEntry
+from kms.smtp.commands import xtext_decode
 from kms.smtp.interfaces import Envelope, Refusal, Spool
 from kms.store.maildir import Copy, MaildirWriter, ensure_maildir, mailbox_path
 from kms.store.spool import MessageSpool
@@ -104,6 +106,55 @@ def received_header(
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+# The route of a recipient that leaves through the outbound queue (never a mailbox address).
+REMOTE_ROUTE = "@remote"
+
+
+def queue_entry(envelope: Envelope, queue_id: str, now: float, size: int) -> QueueEntry | None:
+    """The queue entry for the envelope's relayed recipients, with their DSN parameters; None if none.
+
+    ENVID is kept decoded (it was validated as xtext at MAIL); NOTIFY and ORCPT were decoded at RCPT.
+    """
+    recipients = []
+    params = envelope.rcpt_params or tuple({} for _ in envelope.recipients)
+    for address, route, rcpt in zip(envelope.recipients, envelope.routes, params, strict=True):
+        if route != REMOTE_ROUTE:
+            continue
+        notify = rcpt.get("NOTIFY")
+        recipients.append(
+            QueuedRecipient(
+                address=address,
+                notify=tuple(notify.split(",")) if notify else (),
+                orcpt=rcpt.get("ORCPT"),
+            )
+        )
+    if not recipients:
+        return None
+    mail = envelope.mail_params
+    envid = mail.get("ENVID")
+    ret = mail.get("RET")
+    return QueueEntry(
+        id=queue_id,
+        sender=envelope.sender,
+        recipients=recipients,
+        created=now,
+        next_attempt=now,
+        size=size,
+        ret=ret.upper() if ret else None,
+        envid=xtext_decode(envid) if envid else None,
+        body_8bit=(mail.get("BODY") or "").upper() == "8BITMIME",
+        smtputf8="SMTPUTF8" in mail,
+        client=envelope.client.describe(),
+    )
+
+
+class Outbound(Protocol):
+    """Where relayed recipients go: the outbound queue (`kms.queue.runner.QueueRunner`)."""
+
+    def enqueue(self, entry: QueueEntry, spool: Spool, header: bytes) -> Deferred[None]:
+        """Make the entry durable (fsync'd) before the Deferred fires; then schedule its delivery."""
+
+
 _ID_PREFIX = os.urandom(3)
 _id_counter = itertools.count()
 
@@ -178,7 +229,10 @@ class RecipientResolver:
 
 
 class LocalDelivery:
-    """`MailBackend` for local domains; relaying answers 451 4.3.2 until the outbound queue exists."""
+    """`MailBackend`: local domains into maildirs, relayed recipients into the outbound queue.
+
+    Without an ``outbound`` queue (some tests), relaying answers 451 4.3.2.
+    """
 
     def __init__(
         self,
@@ -199,6 +253,7 @@ class LocalDelivery:
         decode_tnef: bool = False,
         decode_uuencode: bool = False,
         max_message_size: int | None = None,
+        outbound: Outbound | None = None,
     ) -> None:
         self.hostname = hostname
         self.rules = rules
@@ -217,6 +272,7 @@ class LocalDelivery:
         self.decode_tnef = decode_tnef
         self.decode_uuencode = decode_uuencode
         self.max_message_size = max_message_size
+        self.outbound = outbound
 
     def check_sender(
         self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
@@ -225,12 +281,14 @@ class LocalDelivery:
         return succeed(None)
 
     def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[str]:
-        """The mailbox for ``recipient``, or a Refusal: relay denied, relay not yet possible, unknown."""
+        """The mailbox for ``recipient`` (or `REMOTE_ROUTE`), or a Refusal: relay denied, unknown user."""
         verdict = recipient_decision(self.rules, client, recipient)
         if verdict == "deny":
             self.logs.mail("relay-denied", client, sender=sender, recipient=recipient)
             return fail(Refusal(554, "5.7.1", f"<{recipient}>: Relay access denied"))
         if verdict == "relay":
+            if self.outbound is not None:
+                return succeed(REMOTE_ROUTE)
             return fail(
                 Refusal(451, "4.3.2", f"<{recipient}>: Outbound delivery is not available yet, try later")
             )
@@ -256,9 +314,15 @@ class LocalDelivery:
         queue_id = new_queue_id(now)
         targets: dict[str, str] = {}  # mailbox -> the first recipient that reached it
         converted: list[Spool] = []
+        trace = self._trace(envelope, queue_id, now)
+        entry = queue_entry(envelope, queue_id, now, spool.size + len(trace))
         d: Deferred[Any] = maybeDeferred(self._route, envelope, targets)
-        d.addCallback(lambda _: self._convert(envelope, spool, converted))
-        d.addCallback(lambda body: self.writer.deliver(self._copies(envelope, body, queue_id, now, targets)))
+        if entry is not None:
+            d.addCallback(lambda _: self._enqueue(entry, spool, trace))
+        d.addCallback(lambda _: self._convert(envelope, spool, converted) if targets else None)
+        d.addCallback(
+            lambda body: self.writer.deliver(self._copies(body, trace, targets)) if targets else None
+        )
 
         def done(result: object) -> object:
             spool.discard()
@@ -280,9 +344,25 @@ class LocalDelivery:
                     size=spool.size,
                     protocol=envelope.protocol,
                 )
+            for queued in entry.recipients if entry is not None else ():
+                self.logs.mail(
+                    "queued",
+                    envelope.client,
+                    id=queue_id,
+                    sender=envelope.sender,
+                    recipient=queued.address,
+                    size=entry.size if entry is not None else 0,
+                    protocol=envelope.protocol,
+                )
             return queue_id
 
         return d.addBoth(done).addCallback(logged)
+
+    def _enqueue(self, entry: QueueEntry, spool: Spool, trace: bytes) -> Deferred[None]:
+        """Relayed recipients: durable in the queue before the 250 (the body as received, no conversion)."""
+        if self.outbound is None:  # check_recipient never routes to the queue without one
+            raise RuntimeError("relayed recipient without an outbound queue")
+        return self.outbound.enqueue(entry, spool, trace)
 
     def _convert(self, envelope: Envelope, spool: Spool, converted: list[Spool]) -> Deferred[Spool] | Spool:
         """TNEF/uuencode to MIME (SPEC §9), off the reactor; the body to deliver (maybe a new spool)."""
@@ -321,19 +401,18 @@ class LocalDelivery:
     def _route(self, envelope: Envelope, targets: dict[str, str]) -> Deferred[None] | None:
         """Fill ``targets``; locate (off the reactor) maildirs not seen before in this process."""
         for recipient, mailbox in zip(envelope.recipients, envelope.routes, strict=True):
-            targets.setdefault(mailbox, recipient)
+            if mailbox != REMOTE_ROUTE:
+                targets.setdefault(mailbox, recipient)
         missing = [m for m in targets if m not in self._maildirs]
         if not missing:
             return None
         located = deferToThreadPool(self.reactor, self.pool, self._locate, missing)
         return located.addCallback(self._maildirs.update)
 
-    def _copies(
-        self, envelope: Envelope, spool: Spool, queue_id: str, now: float, targets: Mapping[str, str]
-    ) -> list[Copy]:
-        """One copy per mailbox: our Received header, X-Envelope-To, then the body as received."""
+    def _trace(self, envelope: Envelope, queue_id: str, now: float) -> bytes:
+        """Our Received header for this message (the same on local copies and the queued one)."""
         hide = self.hide_local_ip and self.rules.local_group.contains(envelope.client.peer_host)
-        trace = received_header(
+        return received_header(
             envelope,
             self.hostname,
             queue_id,
@@ -341,6 +420,9 @@ class LocalDelivery:
             hide_client=hide,
             version=None if self.hide_version else f"kms {__version__}",
         )
+
+    def _copies(self, spool: Spool, trace: bytes, targets: Mapping[str, str]) -> list[Copy]:
+        """One copy per mailbox: our Received header, X-Envelope-To, then the body as received."""
         copies = []
         for mailbox, recipient in targets.items():
             header = trace

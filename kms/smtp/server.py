@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_smtp_server -*-
-"""Our ESMTP server protocol (RFC 5321) with PIPELINING, SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH.
+"""Our ESMTP server protocol (RFC 5321) with PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN, STARTTLS, AUTH.
 
 Twisted's own SMTP server is not usable (audit §1.3, bugs S1–S10), so this protocol does its own
 buffering on a plain `Protocol`:
@@ -110,6 +110,7 @@ class _Transaction:
     params: dict[str, str | None]
     recipients: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)
+    rcpt_params: list[dict[str, str | None]] = field(default_factory=list)
 
 
 def _sanitize(text: str) -> str:
@@ -391,6 +392,7 @@ class SMTPServer(Protocol):
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",
             "SMTPUTF8",
+            "DSN",
             "ENHANCEDSTATUSCODES",
         ]
         if self._tls_context is not None and not self.client.tls:
@@ -433,6 +435,7 @@ class SMTPServer(Protocol):
         def accepted(route: str) -> None:
             tx.recipients.append(command.recipient)
             tx.routes.append(route)
+            tx.rcpt_params.append(dict(command.params))
             self._reply(250, "2.1.5", "Ok")
 
         d = maybeDeferred(self._backend.check_recipient, self.client, tx.sender, command.recipient)
@@ -499,7 +502,7 @@ class SMTPServer(Protocol):
             recipients=tuple(tx.recipients),
             routes=tuple(tx.routes),
             mail_params=tx.params,
-            rcpt_params=tuple({} for _ in tx.recipients),
+            rcpt_params=tuple(tx.rcpt_params),
         )
 
         def queued(queue_id: str) -> None:
