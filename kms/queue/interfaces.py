@@ -29,7 +29,10 @@ class QueuedRecipient:
     parameter as received (``rfc822;bob@example.org``, xtext decoded), or None.
     ``last_reply`` is the last answer for it ("550 5.1.1 <bob@…>: no such user", or a
     connection problem "connection refused by mx1.example.org [192.0.2.1]"); ``remote_mta``
-    the host that gave it.
+    the host that gave it.  ``status`` is the RFC 3463 code of that outcome ("5.1.1", "4.4.1";
+    the DSN's Status field), ``last_attempt`` when it came.  ``dsn_sent``: the report this
+    recipient's final state calls for (failure, or success with NOTIFY=SUCCESS) is queued, so
+    a restart does not send it twice and a bounce by kmsctl is still reported by the runner.
     """
 
     address: str
@@ -40,6 +43,9 @@ class QueuedRecipient:
     last_reply: str = ""
     remote_mta: str = ""
     final_time: float | None = None
+    status: str = ""
+    last_attempt: float | None = None
+    dsn_sent: bool = False
 
 
 @dataclass
