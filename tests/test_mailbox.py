@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -18,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
-from kms.store.index import CACHE, UIDLIST, FolderFiles
+from kms.store.index import CACHE, UIDLIST, FolderFiles, IndexCache, LazyMeta
 from kms.store.interfaces import (
     Account,
     FolderEvent,
@@ -334,7 +335,7 @@ class UidTests(StoreCase):
         self.assertIn(b"Subject: two", view.messages[1].headers)
         db = sqlite3.connect(self.root / CACHE)
         self.addCleanup(db.close)
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (2,))
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (3,))
         keywords = db.execute("SELECT uid, keywords FROM state ORDER BY uid").fetchall()
         self.assertEqual(keywords[0], (1, "work"))
         # and the converted cache takes flag changes like a new one
@@ -344,6 +345,39 @@ class UidTests(StoreCase):
         view = await self.reopen()
         self.assertEqual(view.messages[1].flags, {"\\Flagged", "later"})
         self.assertEqual(analysed, [])
+
+    async def test_version_2_json_meta_converted_in_place(self) -> None:
+        """Schema 2 kept ``meta`` as JSON: it becomes the flat form (`meta_text`) without any
+        message being analysed again; a meta the flat form cannot hold stays JSON and still reads."""
+        uidvalidity, uids = await self.fill()
+        await self.store.close()
+        db = sqlite3.connect(self.root / CACHE)
+        rows = db.execute("SELECT uid, meta FROM messages").fetchall()
+        metas = [(json.dumps({"subject": LazyMeta(m)["subject"], "sent": 20231114}), uid) for uid, m in rows]
+        db.executemany("UPDATE messages SET meta = ? WHERE uid = ?", metas)
+        db.execute("UPDATE messages SET meta = ? WHERE uid = ?", ('{"subject":"three","n":[1,2]}', uids[2]))
+        db.execute("PRAGMA user_version=2")
+        db.commit()
+        db.close()
+        analysed: list[bytes] = []
+
+        def counting(wire: bytes) -> Mapping[str, object]:
+            analysed.append(wire)
+            return analyze(wire)
+
+        store = MailStore(self.mail_root, self.pool, reactor, counting)
+        self.addCleanup(store.close)
+        view = await self.open(store=store)
+        self.assertEqual((view.uidvalidity, [m.uid for m in view.messages]), (uidvalidity, uids))
+        self.assertEqual(analysed, [])
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+        self.assertEqual(view.messages[2].meta["n"], [1, 2])
+        self.assertEqual(view.messages[0].meta, {"subject": "one", "sent": 20231114})
+        db = sqlite3.connect(self.root / CACHE)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (3,))
+        kinds = [raw[:1] for (raw,) in db.execute("SELECT meta FROM messages ORDER BY uid")]
+        self.assertEqual(kinds, ["\x00", "\x00", "{"])
 
     async def test_unknown_cache_version_rebuilt(self) -> None:
         uidvalidity, uids = await self.fill()
@@ -450,6 +484,107 @@ class UidTests(StoreCase):
         view = await self.reopen()
         self.assertEqual([m.uid for m in view.messages], [1, 3])
         self.assertEqual(view.messages[1].flags, {"\\Flagged", "\\Seen"})
+
+
+class UnchangedCurTests(StoreCase):
+    """A cold load skips listing cur/ while cur/'s mtime and inode are what they were when a listing
+    last matched the cache (`kms.store.index.directory_stamp`); any file added, removed or renamed
+    there since, by anyone, changes the mtime and brings the listing back."""
+
+    async def settled(self) -> tuple[int, int]:
+        """A folder of three messages whose cur/ last changed a minute ago, loaded once by a fresh
+        process (which lists cur/ and records the stamp); the recorded stamp."""
+        account = await self.account()
+        for subject, flags in (("one", ["\\Seen"]), ("two", []), ("three", ["work"])):
+            await account.append("INBOX", message(subject), flags)
+        self.age_cur()
+        view = await self.open(store=self.new_store())
+        self.assertEqual(len(view.messages), 3)
+        view.close()
+        stamp = self.recorded()
+        cur = os.stat(self.root / "cur")
+        self.assertEqual(stamp, (cur.st_mtime_ns, cur.st_ino))
+        return stamp
+
+    def age_cur(self, ns: int | None = None) -> None:
+        past = ns if ns is not None else time.time_ns() - 60 * 10**9
+        os.utime(self.root / "cur", ns=(past, past))
+
+    def recorded(self) -> tuple[int, int]:
+        cache = IndexCache(self.root / CACHE)
+        try:
+            return cache.state().cur
+        finally:
+            cache.close()
+
+    def put(self, subject: str, letters: str = "S") -> str:
+        """A message file written straight into cur/, as another program would."""
+        data = message(subject)
+        base = maildir_name(1700000000, 0, 2, next(_counter), "beef0000", "other.test")
+        name = f"{base},S={len(data)}:2,{letters}"
+        (self.root / "cur" / name).write_bytes(data)
+        return name
+
+    async def subjects(self) -> list[tuple[int, str, frozenset[str]]]:
+        view = await self.open(store=self.new_store())
+        view.close()
+        return [(m.uid, str(m.meta["subject"]), m.flags) for m in view.messages]
+
+    async def test_file_added_behind_the_servers_back(self) -> None:
+        await self.settled()
+        self.put("four")
+        self.assertEqual(
+            await self.subjects(),
+            [
+                (1, "one", {"\\Seen"}),
+                (2, "two", frozenset()),
+                (3, "three", {"work"}),
+                (4, "four", {"\\Seen"}),
+            ],
+        )
+
+    async def test_file_removed_or_renamed_behind_the_servers_back(self) -> None:
+        await self.settled()
+        first, second, _ = sorted(os.listdir(self.root / "cur"))
+        os.unlink(self.root / "cur" / first)
+        os.rename(self.root / "cur" / second, self.root / "cur" / (second.split(":")[0] + ":2,F"))
+        self.assertEqual(await self.subjects(), [(2, "two", {"\\Flagged"}), (3, "three", {"work"})])
+
+    async def test_unchanged_cur_is_not_listed(self) -> None:
+        """Proof that the listing is skipped: a file slipped in with cur/'s mtime put back as it
+        was is not seen; once the mtime moves (as any real change moves it), it is."""
+        stamp = await self.settled()
+        self.put("hidden")
+        self.age_cur(stamp[0])
+        self.assertEqual([s for _, s, _ in await self.subjects()], ["one", "two", "three"])
+        self.age_cur()
+        self.assertEqual([s for _, s, _ in await self.subjects()], ["one", "two", "three", "hidden"])
+
+    async def test_status_sees_files_added_behind_the_servers_back(self) -> None:
+        await self.settled()
+        self.put("four", "")
+        status = await (await self.account(self.new_store())).status("INBOX")
+        self.assertEqual((status.messages, status.unseen), (4, 3))
+
+    async def test_no_promise_for_a_recently_changed_cur(self) -> None:
+        """A cur/ changed within the last two seconds could change again within the same mtime
+        tick: no stamp is recorded, so the next load lists it."""
+        await self.settled()
+        self.put("four")  # cur/'s mtime is now
+        await self.subjects()
+        self.assertEqual(self.recorded(), (0, 0))
+
+    async def test_changes_by_this_process_move_the_stamp(self) -> None:
+        """STORE renames, APPEND and EXPUNGE change cur/, so the recorded stamp no longer matches
+        and the next load lists cur/ (and records afresh once it has settled)."""
+        stamp = await self.settled()
+        view = await self.open()
+        await view.store([2], ["\\Seen"], "+")
+        await view.store([1], ["\\Deleted"], "+")
+        await view.expunge()
+        view.close()
+        self.assertNotEqual(os.stat(self.root / "cur").st_mtime_ns, stamp[0])
+        self.assertEqual(await self.subjects(), [(2, "two", {"\\Seen"}), (3, "three", {"work"})])
 
 
 class ViewTests(StoreCase):

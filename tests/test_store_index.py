@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import time
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
+from kms.imap.message import analyze
 from kms.store.index import (
     LazyMeta,
     UidValidities,
     _fast_info,
     _GcPaused,
     delivery_order,
+    directory_stamp,
     message_flags,
+    meta_text,
     name_with_flags,
     normalize_flags,
     parse_uidlist,
@@ -67,6 +74,20 @@ class FlagNameTests(TestCase):
             {"\\Seen", "\\Deleted", "$Label1"},
         )
         self.assertIs(normalize_flags(["\\Seen"]), normalize_flags(["\\seen"]))  # shared objects
+
+
+class DirectoryStampTests(TestCase):
+    def test_settled_directories_only(self) -> None:
+        """A stamp is (mtime, inode) once the mtime is two seconds old; before that, no promise."""
+        path = self.mktemp()
+        os.mkdir(path)
+        now = time.time_ns()
+        os.utime(path, ns=(now - 3 * 10**9, now - 3 * 10**9))
+        st = os.stat(path)
+        self.assertEqual(directory_stamp(st, now), (now - 3 * 10**9, st.st_ino))
+        self.assertEqual(directory_stamp(st, now - 1_500_000_000), (0, 0))
+        os.utime(path, ns=(now, now))
+        self.assertEqual(directory_stamp(os.stat(path), now), (0, 0))
 
 
 class UidListTests(TestCase):
@@ -126,6 +147,53 @@ class LazyMetaTests(TestCase):
         self.assertEqual(len(meta), 2)
         self.assertEqual(LazyMeta("[1]"), {})
         self.assertEqual(LazyMeta("{broken"), {})
+
+    def test_flat_form_round_trip(self) -> None:
+        """What the IMAP analyzer returns is stored flat, read item by item, and equal to it."""
+        wire = (
+            b'From: "Ann \\"A\\"" <ann@x.test>\r\nTo: b@x.test\r\nSubject: =?utf-8?q?caf=C3=A9?= \xc3\xa9\r\n'
+            b"Date: Tue, 14 Nov 2023 22:16:37 +0100\r\n\r\nbody\r\n"
+        )
+        meta = analyze(wire)
+        text = meta_text(meta)
+        self.assertTrue(text.startswith("\x00"))
+        lazy = LazyMeta(text)
+        for key in meta:
+            self.assertEqual(lazy[key], meta[key])
+        self.assertEqual(lazy, meta)
+        self.assertEqual(lazy.get("search", {}).get("subject"), meta["search"]["subject"])  # type: ignore[union-attr]
+        self.assertIsNone(lazy["search"].get("cc"))  # type: ignore[union-attr]
+        self.assertEqual((lazy.get("nope"), "sent" in lazy, len(lazy)), (None, True, 5))
+        self.assertIs(meta_text(lazy), text)
+
+    @given(
+        st.dictionaries(
+            st.text(max_size=5),
+            st.one_of(
+                st.none(),
+                st.integers(),
+                st.text(max_size=8),
+                st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+                st.lists(st.integers(), max_size=2),
+                st.booleans(),
+            ),
+            max_size=4,
+        )
+    )
+    def test_any_meta_reads_back_equal(self, meta: dict[str, object]) -> None:
+        """Keys that look like other keys or separators, texts holding them, values the flat form
+        cannot hold (JSON then): every meta reads back as it was."""
+        lazy = LazyMeta(meta_text(meta))
+        self.assertEqual(dict(lazy), meta)
+        for key, value in meta.items():
+            self.assertEqual(lazy[key], value)
+        self.assertNotIn("absent" + "\x00", lazy)
+
+    def test_damaged_flat_text(self) -> None:
+        """A damaged row reads as missing items, never as an exception from FETCH's ``get``."""
+        lazy = LazyMeta("\x00kENVELOPE\x00s(NIL")
+        self.assertIsNone(lazy.get("ENVELOPE"))
+        self.assertEqual(dict(lazy), {})
 
 
 class UidValidityTests(TestCase):

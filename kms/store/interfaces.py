@@ -34,9 +34,10 @@ class MaildropLocked(Exception):
     """POP3: another session holds this user's maildrop (RFC 2449 ``[IN-USE]``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
-    """One message as the index knows it; immutable (a flag change makes a new one).
+    """One message as the index knows it; immutable (a flag change makes a new one).  Slots: a
+    folder holds one per message, and an instance dict would cost ~270 bytes more each.
 
     ``meta`` is what the store's analyzer (given by the IMAP layer, `kms.imap.message.analyze`)
     returned for the message when it was indexed: JSON-able values such as the ENVELOPE and
