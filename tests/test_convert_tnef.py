@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import struct
 from email import message_from_bytes
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, TestCase
 
 from kms.convert import convert_message
-from kms.convert.names import attachment_part, sanitize_filename
+from kms.convert.names import attachment_part, sanitize_filename, unique_names
 from kms.convert.rtf import RTFError, decompress_rtf
 from kms.convert.tnef import TNEFError, decode_tnef
 
@@ -57,6 +58,8 @@ BODY_TYPES = {
 }
 BAD = {
     "bad_checksum.tnef": "checksum",
+    # MAPI_ATTACH_DATA_OBJ.tnef with two names edited by hand, which broke their checksums (listed as
+    # malformed on purpose in testdata/README.md); repair_checksums() gives the well-formed variant.
     "duplicate_filename.tnef": "checksum",
     "IPM-DistList.tnef": "checksum",
     "garbage-at-end.tnef": "trailing garbage",
@@ -70,6 +73,18 @@ def sample(name: str) -> bytes:
         raise SkipTest(f"TNEF sample {path} not available")
     with open(path, "rb") as f:
         return f.read()
+
+
+def repair_checksums(tnef: bytes) -> bytes:
+    """The same TNEF with every object's checksum recomputed (the sum of its data bytes, mod 2**16)."""
+    data = bytearray(tnef)
+    pos = 6  # signature and key
+    while pos < len(data):
+        (length,) = struct.unpack_from("<I", data, pos + 5)  # after the level byte and attribute id
+        start = pos + 9
+        struct.pack_into("<H", data, start + length, sum(data[start : start + length]) & 0xFFFF)
+        pos = start + length + 2
+    return bytes(data)
 
 
 def wrap(tnef: bytes, linesep: str = "\r\n") -> bytes:
@@ -128,6 +143,22 @@ class SampleTests(TestCase):
             self.assertEqual(len(report.problems), 1, name)
             self.assertIn(reason, report.problems[0], name)
             self.assertIn("winmail.dat", report.problems[0])
+
+    def test_duplicate_names_made_distinct(self) -> None:
+        """Two attachments called file_abcdefgh.txt: both delivered, the second as "file_abcdefgh (2).txt"."""
+        raw = repair_checksums(sample("duplicate_filename.tnef"))
+        self.assertEqual(
+            [a.long_filename() for a in tnefparse.TNEF(raw, do_checksum=True).attachments],
+            ["file_abcdefgh.txt", "file_abcdefgh.txt", "VIA_Nytt_14021.htm"],
+        )
+        out, report = convert_message(wrap(raw))
+        self.assertEqual(report.problems, [])
+        named = [(f, d) for (_, f, d) in attachments(out) if f]
+        self.assertEqual(
+            [f for f, _ in named], ["file_abcdefgh.txt", "file_abcdefgh (2).txt", "VIA_Nytt_14021.htm"]
+        )
+        original = tnefparse.TNEF(sample("MAPI_ATTACH_DATA_OBJ.tnef")).attachments
+        self.assertEqual([d for _, d in named], [bytes(a.data) for a in original])
 
     def test_lf_message(self) -> None:
         out, report = convert_message(wrap(sample("two-files.tnef"), "\n"))
@@ -250,6 +281,30 @@ class NameTests(TestCase):
         for given_, expected in cases:
             self.assertEqual(sanitize_filename(given_), expected, repr(given_))
 
+    def test_unique_names(self) -> None:
+        cases = [
+            (["a.pdf", "b.pdf"], ["a.pdf", "b.pdf"]),
+            (["report.pdf", "report.pdf", "Report.PDF"], ["report.pdf", "report (2).pdf", "Report (3).PDF"]),
+            (["x (2).txt", "x.txt", "x.txt"], ["x (2).txt", "x.txt", "x (3).txt"]),
+            (["noext", "noext", ".hidden"], ["noext", "noext (2)", "hidden"]),
+            (["../a/f.txt", "b\\f.txt"], ["f.txt", "f (2).txt"]),
+            (["", None, b""], ["attachment", "attachment (2)", "attachment (3)"]),
+            (["y" * 300, "y" * 300], ["y" * 120, "y" * 116 + " (2)"]),
+            (["z" * 300 + ".txt"] * 2, ["z" * 116 + ".txt", "z" * 112 + " (2).txt"]),
+        ]
+        for given_, expected in cases:
+            self.assertEqual(unique_names(given_), expected, repr(given_))
+
+    @given(st.lists(st.one_of(st.sampled_from(["a.txt", "A.txt", "a (2).txt", "x" * 130, ""]), st.text())))
+    def test_unique_names_arbitrary(self, names: list[str]) -> None:
+        """Always distinct (ignoring case), each a fixed point of sanitizing, within the length limit."""
+        got = unique_names(names)
+        self.assertEqual(len(got), len(names))
+        self.assertEqual(len({n.casefold() for n in got}), len(got))
+        for name in got:
+            self.assertEqual(sanitize_filename(name), name)
+            self.assertLessEqual(len(name), 120)
+
     def test_part_types(self) -> None:
         self.assertEqual(attachment_part("a.pdf", b"x").get_content_type(), "application/pdf")
         self.assertEqual(attachment_part("a.tar.gz", b"x").get_content_type(), "application/octet-stream")
@@ -263,6 +318,7 @@ class NameTests(TestCase):
         self.assertNotIn("/", clean)
         self.assertNotIn("\\", clean)
         self.assertFalse(any(ord(c) < 32 or ord(c) == 127 for c in clean))
+        self.assertEqual(sanitize_filename(clean), clean)
         attachment_part(name, b"data").as_bytes()
 
 

@@ -119,6 +119,13 @@ class MessageTests(TestCase):
         )
         self.assertEqual(got[0][2], b"middle\n")
 
+    def test_same_name_twice(self) -> None:
+        """Two blocks named alike become "a.txt" and "a (2).txt", not one file hiding the other."""
+        body = uuencode(b"first", "a.txt") + uuencode(b"second", "A.TXT") + uuencode(b"third", "a.txt")
+        out, _ = convert_message(simple(body, b"\n"))
+        got = [(f, d) for _, f, d in parts(out)]
+        self.assertEqual(got, [("a.txt", b"first"), ("A (2).TXT", b"second"), ("a (3).txt", b"third")])
+
     def test_only_attachment_no_body(self) -> None:
         out, report = convert_message(simple(uuencode(b"x", "x.bin"), b"\n"))
         self.assertEqual([f for _, f, _ in parts(out)], ["x.bin"])

@@ -599,14 +599,14 @@ class GreetingTests(IMAPTestCase):
         self.assertTrue(conn.closed)
 
     def test_id(self) -> None:
-        """RFC 2971: our ID has no version when versions are hidden; the client's is logged."""
+        """RFC 2971: our ID is NIL when versions are hidden (no product name); the client's is logged."""
         conn = self.connect()
         self.assertEqual(
             conn.send(b'i ID ("name" "Mutt" "version" NIL)\r\n'),
-            b'* ID ("name" "kms")\r\ni OK ID completed\r\n',
+            b"* ID NIL\r\ni OK ID completed\r\n",
         )
         self.assertIn(("imap", "id", {"client_id": "{'name': 'Mutt', 'version': None}"}), self.logs.debugs)
-        self.assertEqual(conn.send(b"i ID NIL\r\n"), b'* ID ("name" "kms")\r\ni OK ID completed\r\n')
+        self.assertEqual(conn.send(b"i ID NIL\r\n"), b"* ID NIL\r\ni OK ID completed\r\n")
         self.assertEqual(conn.send(b'i ID ("name")\r\n'), b"i BAD ID: Invalid ID parameters\r\n")
         from kms import __version__
 

@@ -12,7 +12,7 @@ from email.policy import compat32
 
 from kms.convert import tnef as _tnef
 from kms.convert import uuencode as _uu
-from kms.convert.names import attachment_part
+from kms.convert.names import attachment_part, unique_names
 
 _CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition")
 MAX_DEPTH = 20
@@ -143,7 +143,8 @@ def _convert_leaf(part, tnef, uuencode, max_size, report):
                 parts.append(MIMEText(text, "plain", charset))
             except (LookupError, UnicodeEncodeError):
                 parts.append(MIMEText(text, "plain", "utf-8"))
-        for name, blob in files:
+        names = unique_names(name for name, _ in files)
+        for name, (_, blob) in zip(names, files, strict=True):
             parts.append(attachment_part(name, blob))
         report.converted.append("uuencode: " + ", ".join(repr(n) for n, _ in files) + " made attachment(s)")
         return parts

@@ -3,6 +3,7 @@
 import mimetypes
 import posixpath
 import unicodedata
+from collections.abc import Iterable
 from email import encoders
 from email.mime.base import MIMEBase
 from email.mime.text import MIMEText
@@ -29,8 +30,37 @@ def sanitize_filename(name, default="attachment"):
         if dot and 0 < len(ext) <= 10:
             name = stem[: MAX_NAME_LENGTH - len(ext) - 1] + "." + ext
         else:
-            name = name[:MAX_NAME_LENGTH]
+            # cut, then strip again so that sanitizing a sanitized name changes nothing
+            name = name[:MAX_NAME_LENGTH].strip().strip(".").strip()
     return name
+
+
+def unique_names(names: Iterable[str | bytes | None]) -> list[str]:
+    """Sanitized names, made distinct: the second "report.pdf" becomes "report (2).pdf".
+
+    Two attachments of one winmail.dat may carry the same name; saved side by side, one would
+    overwrite the other.  Names are compared case-insensitively, as Windows and macOS do.
+    """
+    taken: set[str] = set()
+    result = []
+    for raw in names:
+        name = sanitize_filename(raw)
+        candidate, n = name, 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = _numbered(name, n)
+        taken.add(candidate.casefold())
+        result.append(candidate)
+    return result
+
+
+def _numbered(name: str, n: int) -> str:
+    """``name`` with `` (n)`` before its extension, shortened to stay within MAX_NAME_LENGTH."""
+    stem, dot, ext = name.rpartition(".")
+    if not (dot and stem and 0 < len(ext) <= 10):
+        stem, ext = name, ""
+    tail = f" ({n})" + (f".{ext}" if ext else "")
+    return stem[: MAX_NAME_LENGTH - len(tail)].rstrip() + tail
 
 
 def guess_type(name):

@@ -2,7 +2,7 @@
 
 import logging
 
-from kms.convert.names import attachment_part, text_part
+from kms.convert.names import attachment_part, text_part, unique_names
 
 TNEF_TYPES = ("application/ms-tnef", "application/vnd.ms-tnef")
 EXPANSION_FACTOR = 4
@@ -79,6 +79,7 @@ def decode_tnef(data, max_size=None):
                 if rtf is not None:
                     account(len(rtf))
                     parts.append(text_part(rtf.decode("latin-1").rstrip("\x00"), "rtf", "latin-1"))
+            found = []
             for n, att in enumerate(parsed.attachments, 1):
                 payload = att.data
                 if not isinstance(payload, (bytes, bytearray)):
@@ -88,7 +89,9 @@ def decode_tnef(data, max_size=None):
                     name = att.long_filename()
                 except Exception:
                     name = att.name
-                parts.append(attachment_part(name or f"attachment-{n}", payload))
+                found.append((name or f"attachment-{n}", payload))
+            names = unique_names(name for name, _ in found)
+            parts.extend(attachment_part(name, blob) for name, (_, blob) in zip(names, found, strict=True))
         except TNEFError:
             raise
         except Exception as e:

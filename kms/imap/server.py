@@ -739,7 +739,7 @@ class IMAPServer(Protocol):
         self._closing = True
 
     def _do_ID(self, args: Arguments) -> Result:
-        """RFC 2971: the client's identification goes to the debug log; ours names no version if hidden."""
+        """RFC 2971: the client's identification goes to the debug log; ours is NIL if versions are hidden."""
         token = args.next("ID parameters")
         args.end()
         if isinstance(token, list):
@@ -750,8 +750,9 @@ class IMAPServer(Protocol):
             self._debug("id", client_id=_sanitize(repr(fields))[:512])
         elif not (isinstance(token, Atom) and token.upper() == "NIL"):
             raise ParseError("Invalid ID parameters")
-        ours = '"name" "kms"' if self.settings.hide_version else f'"name" "kms" "version" "{__version__}"'
-        self._untagged(f"ID ({ours})")
+        # SPEC §2: with hide_version no product name either; RFC 2971 lets a server answer NIL.
+        ours = "NIL" if self.settings.hide_version else f'("name" "kms" "version" "{__version__}")'
+        self._untagged(f"ID {ours}")
         return ("OK", "", "ID completed")
 
     # --- not authenticated ------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class SMTPSettings:
     command_timeout: float = 300
     data_timeout: float = 600
     max_command_line: int = 12288  # RFC 4954 §4: AUTH lines need this much
+    ehlo_greeting: str = ""  # after the host name on EHLO's first line: "kms <version>" unless hidden
 
 
 class SASLExchange(TypingProtocol):
@@ -387,7 +388,7 @@ class SMTPServer(Protocol):
     def _do_EHLO(self, argument: str) -> None:
         self._greet("EHLO", argument, extended=True)
         lines = [
-            self.settings.hostname,
+            f"{self.settings.hostname} {self.settings.ehlo_greeting}".rstrip(),
             "PIPELINING",
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",

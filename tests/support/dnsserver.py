@@ -2,7 +2,8 @@
 
 Tests that need MX, A, AAAA or PTR answers start one and point ``[dns] servers`` at it.  Unknown
 names get NXDOMAIN; a known name without a record of the asked type gets an empty answer (NODATA).
-``silent=True`` gives a server that reads queries and never answers, for timeout tests.
+``silent=True`` gives a server that reads queries (``resolver.queries`` lists them) and never answers,
+for timeout tests.
 """
 
 from __future__ import annotations
@@ -44,8 +45,18 @@ class RecordResolver(ResolverBase):
 
 
 class _Silent(DatagramProtocol):
+    """Reads queries (recorded like the answering server's) and never answers."""
+
+    def __init__(self, queries: list[tuple[str, int]]) -> None:
+        self.queries = queries
+
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        pass  # a server that never answers
+        message = dns.Message()
+        try:
+            message.fromStr(data)
+        except Exception:
+            return
+        self.queries.extend((q.name.name.decode("ascii", "replace").lower(), q.type) for q in message.queries)
 
 
 class DNSTestServer:
@@ -82,7 +93,7 @@ class DNSTestServer:
 
     def start(self, reactor: Any) -> None:
         if self.silent:
-            udp = reactor.listenUDP(0, _Silent(), interface="127.0.0.1")
+            udp = reactor.listenUDP(0, _Silent(self.resolver.queries), interface="127.0.0.1")
             self._ports.append(udp)
             self.port = udp.getHost().port
             return
