@@ -59,6 +59,7 @@ from kms.store.index import (
     FolderFiles,
     Loaded,
     UidValidities,
+    entries_of,
     flag_tally,
     normalize_flags,
 )
@@ -83,6 +84,7 @@ from kms.store.names import (
     is_inferior,
     parent_names,
 )
+from kms.store.space import SpaceWatch
 
 log = Logger()
 _T = TypeVar("_T")
@@ -175,6 +177,7 @@ class MailStore:
         *,
         idle_folders: int = 64,
         idle_messages: int = 200_000,
+        space: SpaceWatch | None = None,
     ) -> None:
         self.mail_root = mail_root
         self._pool = pool
@@ -189,10 +192,15 @@ class MailStore:
         self._idle: OrderedDict[Path, _Folder] = OrderedDict()
         self._serial = itertools.count()
         self.maildrops: set[str] = set()
+        self._space = space
 
     def run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run blocking ``f`` in the store's pool; the result comes back on the reactor thread."""
         return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def room(self) -> Deferred[None]:
+        """Fails with ENOSPC (so: NO [OVERQUOTA]) while the store is below its hard limit (SPEC §8)."""
+        return succeed(None) if self._space is None else self._space.room()
 
     def account(self, address: str) -> Deferred[Account]:
         """The user's mailboxes; the first call per address prepares the maildir and, on the
@@ -398,10 +406,9 @@ class _Folder:
         self.publish(FolderEvent(expunged=expunged))
 
     def entries(self, uids: Iterable[int]) -> list[Entry]:
-        return [
-            Entry(self.messages[i], self.names[self.messages[i].uid])
-            for i in positions_of(self.messages, uids)
-        ]
+        messages, names = self.messages, self.names
+        picked = [messages[i] for i in positions_of(messages, uids)]
+        return entries_of(zip(picked, [names[info.uid] for info in picked], strict=True))
 
     def publish(self, event: FolderEvent) -> None:
         for view in list(self.views):
@@ -581,7 +588,8 @@ class _View:
             destination.add([e for _, e in made])
             return destination.uidvalidity, [(src, e.info.uid) for src, e in made]
 
-        return store.locked([source, destination], work).addErrback(_disk_error)
+        d = store.room().addCallback(lambda _: store.locked([source, destination], work))
+        return d.addErrback(_disk_error)
 
     def open_message(self, uid: int) -> Deferred[bytes]:
         """Lock-free read; if the file was renamed meanwhile (a flag change in flight), read again
@@ -850,7 +858,8 @@ class _Account:
 
             return folder.ensure_loaded().addErrback(_trycreate).addCallback(write)
 
-        return self._with_folder(name, work).addErrback(_disk_error)
+        d = self.store.room().addCallback(lambda _: self._with_folder(name, work))
+        return d.addErrback(_disk_error)
 
 
 # --- account-level blocking work (thread pool) -------------------------------------------------

@@ -68,8 +68,11 @@ class MessageSpool:
         self._memory = bytearray()
         self._frozen = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # the flush of a full disk: the file is closed anyway, and removed below
         if self._path is not None:
             try:
                 os.unlink(self._path)
