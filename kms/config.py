@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kms.auth.matrix import method_warnings
+from kms.auth.winbind import DEFAULT_HELPER, config_problems, helper_missing
 from kms.ipgroups import IPGroup, parse_group
+from kms.store.space import start_problem
 
 T = TypeVar("T")
 
@@ -167,6 +169,8 @@ class UpdateConfig:
     beta: bool
     feed_url: str
     interval: float
+    timeout: float = 30.0  # the whole fetch: look-up, connect, proxy, TLS, every byte
+    ca_file: Path | None = None  # trust for an https feed; None = the system store
 
 
 @dataclass(frozen=True)
@@ -413,6 +417,8 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     master = ld.section(data, "master", lambda s: MasterConfig(s.flag("enabled", False), s.text("group", "")))
     directory = ld.section(data, "directory", _directory) if "directory" in data else None
     proxy = ld.section(data, "proxy", _proxy) if "proxy" in data else None
+    if proxy is not None and not proxy.address:
+        proxy = None  # an empty [proxy] table, as in SPEC §2: direct connections
     update = ld.section(data, "update", _update)
     logs = ld.section(data, "logs", _logs)
     dns = ld.section(data, "dns", _dns)
@@ -425,6 +431,9 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     ):
         if group and group not in ip_groups:
             ld.problem(key, f'names IP group "{group}", which [ip_groups] does not define')
+    if directory is not None and security.allow_ntlm_for_directory_users:
+        for key, problem in config_problems(directory.domain, directory.ntlm_helper, directory.require_group):
+            ld.problem(f"directory.{key}", problem)
     if master.enabled and not master.group:
         ld.problem("master.group", "is required when master.enabled = true")
     for domain in domains.catch_all:
@@ -681,11 +690,12 @@ def _directory(s: _Section) -> DirectoryConfig:
         bind_dn=s.text("bind_dn"),
         bind_password_file=s.path("bind_password_file"),
         ca_file=s.path("ca_file"),
-        ntlm_helper=s.text("ntlm_helper"),
+        ntlm_helper=s.text("ntlm_helper", DEFAULT_HELPER),
         require_group=s.text("require_group"),
         allow_plain_ldap=s.flag("allow_plain_ldap", False),
     )
-    for key in ("uri", "base_dn", "mail_domain"):
+    # bind_dn and its password too: AD answers no anonymous searches.
+    for key in ("uri", "base_dn", "mail_domain", "bind_dn", "bind_password_file"):
         if not getattr(d, key):
             s.loader.problem(f"directory.{key}", "is required when [directory] is present")
     if d.uri and not d.uri.startswith(("ldap://", "ldaps://")):
@@ -700,21 +710,37 @@ def _directory(s: _Section) -> DirectoryConfig:
 
 
 def _proxy(s: _Section) -> ProxyConfig:
-    return ProxyConfig(
+    p = ProxyConfig(
         address=s.text("address"),
         port=s.integer("port", 3128, minimum=1),
         username=s.text("username"),
         password_file=s.path("password_file"),
     )
+    if p.port > 65535:
+        s.loader.problem("proxy.port", f"must be at most 65535, not {p.port}")
+    if ":" in p.username:
+        s.loader.problem("proxy.username", "must not contain ':' (Basic authentication)")
+    if not p.address and (p.username or p.password_file):
+        s.loader.problem("proxy.address", "is required when username or password_file is set")
+    return p
 
 
 def _update(s: _Section) -> UpdateConfig:
-    return UpdateConfig(
+    u = UpdateConfig(
         check=s.flag("check", True),
         beta=s.flag("beta", False),
         feed_url=s.text("feed_url", ""),
         interval=s.parsed("interval", "24h", parse_duration),
+        timeout=s.parsed("timeout", "30s", parse_duration),
+        ca_file=s.path("ca_file"),
     )
+    if u.feed_url and not re.match(r"^https?://[^/?#@\s]+(?:[/?#]\S*)?$", u.feed_url):
+        s.loader.problem("update.feed_url", f'"{u.feed_url}" must be an http:// or https:// URL')
+    if u.interval < 60:
+        s.loader.problem("update.interval", "must be at least 1m (a feed is not to be hammered)")
+    if u.timeout <= 0:
+        s.loader.problem("update.timeout", "must be more than 0")
+    return u
 
 
 def _logs(s: _Section) -> LogsConfig:
@@ -739,6 +765,11 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append(
             "listeners.submission: without [tls] STARTTLS is not offered; passwords cross in clear"
         )
+    if cfg.directory is not None and cfg.directory.mail_domain not in cfg.domains.local:
+        warnings.append(
+            f"directory.mail_domain: {cfg.directory.mail_domain} is not in domains.local; "
+            "mail to directory users is not delivered here"
+        )
     return warnings
 
 
@@ -752,6 +783,32 @@ def runtime_problems(cfg: Config) -> list[str]:
     parent = cfg.store.path.parent
     if not parent.is_dir():
         problems.append(f"store.path: parent folder {parent} does not exist")
+    store = cfg.store
+    below = start_problem(store.path, store.soft_limit, store.hard_limit, store.hard_limit_action)
+    if below is not None:
+        problems.append(below)
     if cfg.master.enabled and not (cfg.store.path / "master.json").is_file():
         problems.append("master.enabled: no master password is set (kmsctl master set-password)")
+    secret = cfg.relay.smarthost_credentials_file
+    if cfg.relay.smarthost and secret is not None:
+        try:
+            first = secret.read_text(encoding="utf-8").split("\n", 1)[0]
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"relay.smarthost_credentials_file: cannot read {secret}: {e}")
+        else:
+            if ":" not in first or first.startswith(":"):
+                problems.append(f'relay.smarthost_credentials_file: {secret}: expected "user:password"')
+    directory = cfg.directory
+    if directory is not None and directory.bind_password_file is not None:
+        secret = directory.bind_password_file
+        if not secret.is_file():
+            problems.append(f"directory.bind_password_file: {secret} does not exist")
+        elif secret.stat().st_mode & 0o077:
+            problems.append(f"directory.bind_password_file: {secret} is open to group or others (use 0600)")
+    if directory is not None and directory.ca_file is not None and not directory.ca_file.is_file():
+        problems.append(f"directory.ca_file: {directory.ca_file} does not exist")
+    if directory is not None and cfg.security.allow_ntlm_for_directory_users:
+        missing = helper_missing(directory.ntlm_helper)
+        if missing is not None:
+            problems.append(f"directory.ntlm_helper: {missing}")
     return problems

@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sqlite3
 import sys
 import time
+import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kms import __version__, updatechecker, updates
 from kms.auth import master
+from kms.auth.directory import DirectoryClient, DirectorySettings
+from kms.auth.errors import TemporaryAuthFailure
 from kms.auth.lockout import LockoutDB, account_name
 from kms.auth.matrix import method_warnings, usable_methods
 from kms.auth.passwords import InvalidToken, StoreKey, StoreKeyError
 from kms.config import Config, ConfigError, config_warnings, load_config, runtime_problems
 from kms.logs import Logs
+from kms.queue import schedule
+from kms.queue.interfaces import PENDING, QueueEntry
+from kms.queue.store import DamagedEntry, EntryBusy, NoSuchEntry, QueueStore, check_id
+from kms.store import space
 from kms.store.users import DuplicateUser, NoSuchUser, UserDB, normalize_address, reversible_password
 from kms.tls import generate_dev_certificate
 
@@ -177,6 +188,8 @@ def _set_enabled(cfg: Config, args: argparse.Namespace, enabled: bool) -> int:
 
 
 def _user_list(cfg: Config, args: argparse.Namespace) -> int:
+    if args.directory:
+        return _directory_users(cfg)
     db = _userdb(cfg)
     try:
         records = db.list()
@@ -187,6 +200,52 @@ def _user_list(cfg: Config, args: argparse.Namespace) -> int:
     for r in records:
         print(f"{r.address:<{width}}  {r.storage:<9}  {'yes' if r.enabled else 'no'}")
     return 0
+
+
+def _directory_client(cfg: Config) -> DirectoryClient:
+    if cfg.directory is None:
+        raise CtlError("no [directory] section in the configuration")
+    try:
+        return DirectoryClient(DirectorySettings.from_config(cfg.directory))
+    except ValueError as e:
+        raise CtlError(str(e)) from e
+
+
+def _directory_users(cfg: Config) -> int:
+    """``user list --directory``: address, account name and login state of every directory user."""
+    client = _directory_client(cfg)
+    rows = []
+    try:
+        for user, member in client.users():
+            state = user.refusal or ("not in require_group" if member is False else "ok")
+            rows.append((_shown(user.address or "-"), _shown(user.account), state))
+    except TemporaryAuthFailure as e:
+        raise CtlError(str(e)) from e
+    width = max([len("ADDRESS"), *(len(r[0]) for r in rows)])
+    account_width = max([len("ACCOUNT"), *(len(r[1]) for r in rows)])
+    print(f"{'ADDRESS':<{width}}  {'ACCOUNT':<{account_width}}  STATE")
+    for address, account, state in sorted(rows):
+        print(f"{address:<{width}}  {account:<{account_width}}  {state}")
+    return 0
+
+
+def _directory_test(cfg: Config, args: argparse.Namespace) -> int:
+    """``directory test USER``: each step of a directory login, stopping at the first that fails."""
+    client = _directory_client(cfg)
+    if args.password_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass(f"Password of {args.user}: ")
+        except (EOFError, KeyboardInterrupt) as e:
+            raise CtlError("cancelled") from e
+    if not password:
+        raise CtlError("empty password refused (it would be an anonymous bind)")
+
+    def step(name: str, detail: str) -> None:
+        print(f"{name + ':':<14}{_shown(detail)}", file=sys.stderr if name == "FAILED" else sys.stdout)
+
+    return 0 if client.diagnose(args.user, password, step) else 1
 
 
 def _user_show(cfg: Config, args: argparse.Namespace) -> int:
@@ -314,6 +373,275 @@ def _master_set_password(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# --- kmsctl queue ------------------------------------------------------------------------------
+
+
+def _queue_store(cfg: Config) -> QueueStore:
+    """The outbound queue; what opening it repaired or moved aside is said on stderr."""
+    root = _store_dir(cfg) / "queue"
+    return QueueStore(root, report=lambda line: print(f"kmsctl: {line}", file=sys.stderr))
+
+
+def _shown(text: str) -> str:
+    """Queue contents (addresses, remote replies, message headers) are anybody's text: control and
+    format characters are shown escaped so they cannot drive the administrator's terminal."""
+    return "".join(
+        c if c == "\t" or unicodedata.category(c) not in ("Cc", "Cf") else f"\\x{ord(c):02x}" for c in text
+    )
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _queue_id(text: str) -> str:
+    try:
+        return check_id(text)
+    except ValueError as e:
+        raise CtlError(f"{e} (queue ids are letters and digits, as kmsctl queue list shows them)") from e
+
+
+@contextmanager
+def _locked_entry(store: QueueStore, entry_id: str) -> Iterator[QueueEntry]:
+    """The entry, read again under its lock; a clear error when the server holds it or it is gone."""
+    try:
+        lock = store.try_lock(_queue_id(entry_id))
+    except EntryBusy as e:
+        raise CtlError(f"{entry_id} is being delivered or changed right now; try again in a moment") from e
+    with lock:
+        try:
+            entry = store.get(entry_id)
+        except NoSuchEntry as e:
+            raise CtlError(f"no such queue entry: {entry_id}") from e
+        except DamagedEntry as e:
+            raise CtlError(f"queue entry {entry_id} is damaged: {e}") from e
+        yield entry
+
+
+def _queue_log(cfg: Config, event: str, entry: QueueEntry, **fields: object) -> None:
+    logs = Logs(_store_dir(cfg) / "logs")
+    try:
+        logs.mail(event, None, id=entry.id, sender=entry.sender, reason="kmsctl", **fields)
+    finally:
+        logs.close()
+
+
+def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
+    entries = _queue_store(cfg).entries()
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=1))
+        return 0
+    now = time.time()
+    print(f"{'ID':<18}  {'AGE':>6}  {'SIZE':>6}  {'NEXT ATTEMPT (UTC)':<25}  SENDER")
+    for e in sorted(entries, key=lambda e: e.created):
+        when = "now" if e.next_attempt <= now else _timestamp(e.next_attempt)
+        sender = _shown(e.sender) or "<>"
+        print(f"{e.id:<18}  {_age(now - e.created):>6}  {_size(e.size):>6}  {when:<25}  {sender}")
+        for r in e.pending():
+            reply = f"  {_shown(r.last_reply)}" if r.last_reply else ""
+            print(f"    {_shown(r.address)}  (attempts {r.attempts}){reply}")
+        if not e.pending():
+            print("    nothing pending: reports to send or removal due at the next queue run")
+    pending = sum(len(e.pending()) for e in entries)
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {pending} recipient(s) pending")
+    return 0
+
+
+def _body_header(store: QueueStore, entry_id: str, limit: int = 1 << 16) -> str:
+    """The header section of the queued body (at most ``limit`` bytes of it)."""
+    with open(store.body_path(entry_id), "rb") as f:
+        data = f.read(limit)
+    end = data.find(b"\n\n")
+    head = data if end < 0 else data[: end + 1]
+    return head.decode("utf-8", "replace")
+
+
+def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
+    store = _queue_store(cfg)
+    entry_id = _queue_id(args.id)
+    try:
+        entry = store.get(entry_id)
+        header = _body_header(store, entry_id)
+    except (NoSuchEntry, FileNotFoundError) as e:
+        raise CtlError(f"no such queue entry: {entry_id}") from e
+    except DamagedEntry as e:
+        raise CtlError(f"queue entry {entry_id} is damaged: {e}") from e
+    if args.json:
+        print(json.dumps({**asdict(entry), "header": header}, indent=1))
+        return 0
+    now = time.time()
+    print(f"id:            {entry.id}")
+    print(f"sender:        <{_shown(entry.sender)}>")
+    print(f"created:       {_timestamp(entry.created)} ({_age(now - entry.created)} ago)")
+    print(f"next attempt:  {'now' if entry.next_attempt <= now else _timestamp(entry.next_attempt)}")
+    print(f"attempts:      {entry.attempts}")
+    print(f"size:          {entry.size} bytes")
+    print(f"client:        {_shown(entry.client) or '-'}")
+    params = [f"RET={entry.ret}" if entry.ret else "", f"ENVID={_shown(entry.envid)}" if entry.envid else ""]
+    params += ["BODY=8BITMIME" if entry.body_8bit else "", "SMTPUTF8" if entry.smtputf8 else ""]
+    print(f"parameters:    {' '.join(p for p in params if p) or '-'}")
+    print(f"delay warned:  {'yes' if entry.delay_warned else 'no'}")
+    print("recipients:")
+    for r in entry.recipients:
+        status = f", status {r.status}" if r.status else ""
+        print(f"  {_shown(r.address)}: {r.state}, {r.attempts} attempt(s){status}")
+        if r.last_reply:
+            print(f"    last reply:   {_shown(r.last_reply)}")
+        if r.remote_mta:
+            print(f"    remote host:  {_shown(r.remote_mta)}")
+        if r.last_attempt is not None:
+            print(f"    last attempt: {_timestamp(r.last_attempt)}")
+        dsn = [f"NOTIFY={','.join(r.notify)}" if r.notify else ""]
+        dsn.append(f"ORCPT={_shown(r.orcpt)}" if r.orcpt else "")
+        if any(dsn):
+            print(f"    dsn:          {' '.join(d for d in dsn if d)}")
+        if r.state != PENDING and r.dsn_sent:
+            print("    report:       sent")
+    print("header:")
+    for line in header.splitlines():
+        print(f"  {_shown(line)}")
+    return 0
+
+
+def _queue_flush(cfg: Config, args: argparse.Namespace) -> int:
+    """next_attempt = now for one entry or all, and the marker that makes a running server scan now."""
+    store = _queue_store(cfg)
+    now = time.time()
+    if args.id:
+        with _locked_entry(store, args.id) as entry:
+            entry.next_attempt = now
+            store.save(entry)
+        store.request_flush()
+        print(f"flushed {entry.id}")
+        return 0
+    flushed, busy = 0, []
+    for entry_id in [e.id for e in store.entries()]:
+        try:
+            lock = store.try_lock(entry_id)
+        except EntryBusy:
+            busy.append(entry_id)
+            continue
+        with lock:
+            try:
+                entry = store.get(entry_id)
+            except (NoSuchEntry, DamagedEntry):
+                continue  # delivered (or moved aside) since the listing
+            entry.next_attempt = now
+            store.save(entry)
+            flushed += 1
+    store.request_flush()
+    for entry_id in busy:
+        print(f"kmsctl: {entry_id} is being delivered or changed right now; not flushed", file=sys.stderr)
+    print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}")
+    return 1 if busy else 0
+
+
+def _queue_delete(cfg: Config, args: argparse.Namespace) -> int:
+    store = _queue_store(cfg)
+    with _locked_entry(store, args.id) as entry:
+        store.remove(entry.id)
+    pending = len(entry.pending())
+    _queue_log(cfg, "queue-deleted", entry, pending=pending)
+    print(f"deleted {entry.id} ({pending} recipient(s) were pending; no report is sent)")
+    return 0
+
+
+def _queue_bounce(cfg: Config, args: argparse.Namespace) -> int:
+    """Fail every pending recipient now; the runner sends the DSN (it owns sending mail)."""
+    store = _queue_store(cfg)
+    now = time.time()
+    with _locked_entry(store, args.id) as entry:
+        pending = entry.pending()
+        if not pending:
+            raise CtlError(f"{entry.id} has no pending recipients")
+        for r in pending:
+            schedule.apply_admin_bounce(r, now)
+        entry.next_attempt = now
+        store.save(entry)
+    store.request_flush()
+    _queue_log(cfg, "queue-bounced", entry, recipients=len(pending))
+    if schedule.unreported_failures(entry):
+        after = f"the server sends the report to <{_shown(entry.sender)}> at its next queue run"
+    else:
+        after = "no report is sent (null sender, or NOTIFY asked for none)"
+    print(f"bounced {len(pending)} recipient(s) of {entry.id}; {after}")
+    return 0
+
+
+def _space_warning(cfg: Config) -> None:
+    """SPEC §8: every run says so on stderr while the store is below its soft limit (same exit code)."""
+    store = cfg.store
+    try:
+        free = space.disk_usage(store.path).free
+    except OSError:
+        return  # the verb that needs the store reports it
+    state = space.space_state(free, store.soft_limit, store.hard_limit)
+    if state != space.OK:
+        hard = state == space.HARD
+        limit = store.hard_limit if hard else store.soft_limit
+        text = space.limit_message(store.path, free, limit, hard, store.hard_limit_action)
+        print(f"kmsctl: warning: {text}", file=sys.stderr)
+
+
+def _store_status(cfg: Config, args: argparse.Namespace) -> int:
+    store = cfg.store
+    usage = space.disk_usage(store.path)
+    mount = space.filesystem_of(store.path)
+    size = space.format_size
+    print(f"path:       {store.path}")
+    print(f"filesystem: {f'{mount.source} on {mount.point} ({mount.fstype})' if mount else 'unknown'}")
+    print(f"free:       {size(usage.free)} of {size(usage.total)} ({usage.free} of {usage.total} bytes)")
+    print(f"soft_limit: {size(store.soft_limit)}")
+    print(f"hard_limit: {size(store.hard_limit)} (hard_limit_action = {store.hard_limit_action})")
+    print(f"state:      {space.space_state(usage.free, store.soft_limit, store.hard_limit)}")
+    for label, name in (("mailboxes", "mail"), ("queue", "queue"), ("logs", "logs")):
+        used = space.tree_size(store.path / name)
+        print(f"{label + ':':<11} {'absent' if used is None else size(used)} ({store.path / name})")
+    return 0
+
+
+def _update_check(cfg: Config, args: argparse.Namespace) -> int:
+    """Check now (also with ``check = false``: that only stops the periodic checks); exit 1 on failure."""
+    if not cfg.update.feed_url:
+        raise CtlError("update.feed_url is empty: there is nothing to check")
+    logs = Logs(_store_dir(cfg) / "logs", cfg.logs.debug)
+    try:
+        state = updatechecker.check_now(cfg, logs)
+    finally:
+        logs.close()
+    if state.error is not None:
+        raise CtlError(f"update check failed: {state.error}")
+    print(updates.summary(state, __version__))
+    return 0
+
+
+def _update_status(cfg: Config, args: argparse.Namespace) -> int:
+    state = updatechecker.read_state(cfg.store.path / updatechecker.STATE_FILE)
+    for line in updates.status_lines(state, __version__, time.time()):
+        print(line)
+    if not cfg.update.feed_url:
+        print("periodic checks:  off (update.feed_url is empty)")
+    else:
+        every = f"every {cfg.update.interval:g}s" if cfg.update.check else "off (update.check = false)"
+        print(f"periodic checks:  {every}, {cfg.update.feed_url}")
+    return 0
+
+
 Command = Callable[[Config, argparse.Namespace], int]
 
 
@@ -382,7 +710,28 @@ def _parser() -> argparse.ArgumentParser:
     address_verb("enable", lambda c, a: _set_enabled(c, a, True), "allow a disabled user to log in again")
     address_verb("disable", lambda c, a: _set_enabled(c, a, False), "refuse every login of a user")
     lst = user_verbs.add_parser("list", help="list users", description="List address, storage, enabled.")
+    lst.add_argument(
+        "--directory",
+        action="store_true",
+        help="list the users of [directory] instead: address, sAMAccountName and login state",
+    )
     lst.set_defaults(func=_user_list)
+
+    directory_parser = verbs.add_parser(
+        "directory", help="Active Directory diagnostics", description="The [directory] (SPEC §2, §3)."
+    )
+    directory_verbs = directory_parser.add_subparsers(dest="directory_verb", required=True, metavar="ACTION")
+    dtest = directory_verbs.add_parser(
+        "test",
+        help="try a directory login step by step",
+        description="Connect, TLS, service bind, search, user bind, account state, groups: each step is "
+        "printed as it passes; exit 1 at the first that fails, with the reason.",
+    )
+    dtest.add_argument(
+        "user", metavar="USER", help="alice, alice@<mail_domain>, alice@<realm> or DOMAIN\\alice"
+    )
+    dtest.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    dtest.set_defaults(func=_directory_test)
 
     lockout = verbs.add_parser(
         "lockout", help="list and unlock locked accounts", description="Account lockout (SPEC §6)."
@@ -422,6 +771,80 @@ def _parser() -> argparse.ArgumentParser:
         help="read the password from the first line of standard input instead of asking twice",
     )
     set_password.set_defaults(func=_master_set_password)
+
+    queue = verbs.add_parser(
+        "queue",
+        help="the outbound mail queue",
+        description="List, inspect, retry now, delete or bounce queued outbound messages. Works while "
+        "the server runs: an entry being delivered at that moment is refused (exit 1), try again.",
+    )
+    queue_verbs = queue.add_subparsers(dest="queue_verb", required=True, metavar="ACTION")
+    qlist = queue_verbs.add_parser(
+        "list",
+        help="list queued messages",
+        description="ID, age, size, next attempt (UTC) and sender of each message, then its pending "
+        "recipients with their attempts and last reply.",
+    )
+    qlist.add_argument("--json", action="store_true", help="every envelope field, as JSON")
+    qlist.set_defaults(func=_queue_list)
+    qshow = queue_verbs.add_parser(
+        "show",
+        help="show one message",
+        description="The envelope, the state of every recipient and the header of the queued message.",
+    )
+    qshow.add_argument("id", metavar="ID")
+    qshow.add_argument("--json", action="store_true", help="every envelope field and the header, as JSON")
+    qshow.set_defaults(func=_queue_show)
+    qflush = queue_verbs.add_parser(
+        "flush",
+        help="retry now",
+        description="Make one message (or all) due now; a running server tries it within seconds.",
+    )
+    qflush.add_argument("id", metavar="ID", nargs="?", help="one message (default: all)")
+    qflush.set_defaults(func=_queue_flush)
+    qdelete = queue_verbs.add_parser(
+        "delete", help="remove a message", description="Remove a message from the queue; no report is sent."
+    )
+    qdelete.add_argument("id", metavar="ID")
+    qdelete.set_defaults(func=_queue_delete)
+    qbounce = queue_verbs.add_parser(
+        "bounce",
+        help="fail a message now",
+        description='Fail every pending recipient now ("5.0.0 bounced by the administrator"); the server '
+        "sends the sender a delivery status notification as for any other failure.",
+    )
+    qbounce.add_argument("id", metavar="ID")
+    qbounce.set_defaults(func=_queue_bounce)
+
+    store_parser = verbs.add_parser(
+        "store", help="the store directory", description="The store directory (SPEC §8)."
+    )
+    store_verbs = store_parser.add_subparsers(dest="store_verb", required=True, metavar="ACTION")
+    status = store_verbs.add_parser(
+        "status",
+        help="free space, limits and usage",
+        description="Path, file system, free and total space, the soft and hard limits, the state "
+        "(ok: above both; soft: below soft_limit; hard: below hard_limit, new mail refused or the "
+        "server stopped), and the disk usage of mailboxes, queue and logs.",
+    )
+    status.set_defaults(func=_store_status)
+
+    update_parser = verbs.add_parser(
+        "update", help="check for a newer kms", description="Update checks (SPEC §11); nothing is installed."
+    )
+    update_verbs = update_parser.add_subparsers(dest="update_verb", required=True, metavar="ACTION")
+    update_verbs.add_parser(
+        "check",
+        help="check the release feed now",
+        description="Fetch update.feed_url now (through [proxy] when set), print the outcome and save it "
+        "in <store>/update.json; exit 1 with the reason when the check fails.",
+    ).set_defaults(func=_update_check)
+    update_verbs.add_parser(
+        "status",
+        help="show the last check",
+        description="Current version, newest available, whether it is a pre-release, the time since "
+        "the last check and its error, from <store>/update.json (no network).",
+    ).set_defaults(func=_update_status)
     return parser
 
 
@@ -438,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     func: Command = args.func
+    _space_warning(cfg)
     try:
         return func(cfg, args)
     except CtlError as e:

@@ -17,35 +17,47 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.directory import Directory, DirectoryChecker, DirectoryClient, DirectorySettings
 from kms.auth.lockout import Lockout, LockoutDB, LockoutSettings
 from kms.auth.master import Master
 from kms.auth.ntlm import NTLM
 from kms.auth.passwords import StoreKey
 from kms.auth.policy import SecurityPolicy, engine_policy
 from kms.auth.realm import Realm
-from kms.auth.sasl import SASLEngine
+from kms.auth.sasl import MechanismFactory, SASLEngine
 from kms.auth.session import LoginSession
+from kms.auth.winbind import directory_ntlm
 from kms.clientinfo import ClientInfo
 from kms.config import IMPLICIT_TLS_LISTENERS, Config
+from kms.dns import make_resolver
 from kms.imap.message import analyze
 from kms.imap.server import IMAPFactory, IMAPSettings
 from kms.logs import Logs
 from kms.pop3.server import POP3Factory, POP3Settings
+from kms.queue.client import attempt
+from kms.queue.mx import resolve_hops, smarthost_hops
+from kms.queue.runner import QueueRunner, RunnerSettings, read_credentials
+from kms.queue.store import QueueStore
+from kms.rdns import ClientNamer, ClientNamerService
 from kms.smtp.delivery import LocalDelivery, RecipientResolver, RelayRules
 from kms.smtp.server import SMTPFactory, SMTPSettings
 from kms.store.mailbox import MailStore
 from kms.store.maildir import MaildirWriter
+from kms.store.space import SpaceWatch
 from kms.store.users import UserDB
 from kms.tls import server_context_factory
+from kms.updatechecker import STATE_FILE, Checker, UpdateChecker
 
 log = Logger()
 
@@ -64,6 +76,7 @@ class StorePaths:
         self.store_key = root / "store.key"
         self.lockout_db = root / "lockout.db"
         self.master = root / "master.json"
+        self.queue = root / "queue"
 
     def create(self) -> None:
         for d in (self.root, self.mail, self.tmp):
@@ -145,6 +158,58 @@ def _listen(
     _ListenerService(name, description, serverFromString(reactor, description), wrapped).setServiceParent(top)
 
 
+def _queue_runner(
+    cfg: Config,
+    top: MultiService,
+    reactor: Any,
+    logs: Logs,
+    paths: StorePaths,
+    deliver_report: Callable[[str, bytes], Any],
+) -> QueueRunner:
+    """The outbound queue (issue 9): its store (crash clean-up happens here), pool, DNS and runner."""
+    store = QueueStore(paths.queue, report=lambda line: logs.error("queue-store", detail=line))
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-queue")
+    _Stoppable("queue-pool", pool.start, pool.stop).setServiceParent(top)
+    resolver = make_resolver(cfg.dns, reactor)
+    relay = cfg.relay
+
+    def resolve(target: str) -> Any:
+        if relay.smarthost:
+            return smarthost_hops(resolver, relay.smarthost, reactor=reactor)
+        return resolve_hops(resolver, target, relay.mx_port, reactor=reactor)
+
+    credentials = None
+    if relay.smarthost and relay.smarthost_credentials_file is not None:
+        credentials = read_credentials(relay.smarthost_credentials_file)
+    settings = RunnerSettings(
+        hostname=cfg.server.hostname,
+        product=None if cfg.misc.hide_version else f"kms {__version__}",
+        smarthost=relay.smarthost,
+        smarthost_tls=relay.smarthost_tls,
+        smarthost_credentials=credentials,
+        require_tls=relay.require_tls,
+        require_tls_domains=relay.require_tls_domains,
+        ca_file=relay.ca_file,
+        lifetime=relay.max_queue_lifetime,
+        retry_schedule=cfg.queue.retry_schedule,
+        delay_warning=cfg.queue.delay_warning,
+        max_connections=cfg.queue.max_connections,
+        max_per_domain=cfg.queue.max_per_domain,
+    )
+    runner = QueueRunner(
+        store,
+        pool,
+        reactor,
+        logs,
+        settings,
+        resolve=resolve,
+        attempt=partial(attempt, pool=pool),
+        inject_dsn=deliver_report,
+    )
+    runner.setServiceParent(top)  # after its pool: stops first
+    return runner
+
+
 def build_service(cfg: Config, reactor: Any) -> MultiService:
     """Assemble every part of the server for ``cfg``; nothing listens until the service starts.
 
@@ -156,6 +221,9 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     logs = Logs(paths.logs, cfg.logs.debug)
     _Stoppable("logs", lambda: None, logs.close).setServiceParent(top)
     _ReopenLogsOnHangup(logs, reactor).setServiceParent(top)
+    store = cfg.store
+    space = SpaceWatch(paths.root, store.soft_limit, store.hard_limit, store.hard_limit_action, logs, reactor)
+    space.setServiceParent(top)
 
     auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-auth")
     _Stoppable("auth-pool", auth_pool.start, auth_pool.stop).setServiceParent(top)
@@ -163,24 +231,40 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     key = StoreKey.load_or_create(paths.store_key)
     default_domain = cfg.domains.local[0]
     local_users = LocalUserChecker(users, key, auth_pool, reactor, default_domain=default_domain)
-    checker = CompositeChecker([local_users])
+    checkers: list[ICredentialsChecker] = [local_users]
+    ntlm: MechanismFactory = partial(NTLM, allow_v1=cfg.security.allow_ntlmv1)
+    directory: Directory | None = None
+    if cfg.directory is not None:
+        # The directory's own pool: a slow DC must not hold the user DB's threads.
+        directory_pool = ThreadPool(minthreads=0, maxthreads=4, name="kms-directory")
+        _Stoppable("directory-pool", directory_pool.start, directory_pool.stop).setServiceParent(top)
+        client = DirectoryClient(DirectorySettings.from_config(cfg.directory))
+        directory = Directory(client, directory_pool, reactor, logs=logs)
+        # NTLM for directory users (winbind's ntlm_auth): its checker right after the local users',
+        # before the directory's, which refuses every other challenge method for directory users.
+        ntlm, winbind = directory_ntlm(
+            cfg.directory, cfg.security, reactor, logs, top, address_for=directory.address_for
+        )
+        checkers += [winbind, DirectoryChecker(directory)]
+    checker = CompositeChecker(checkers)
     portal = Portal(Realm(), [checker])
     policy = SecurityPolicy(cfg.security.policy, cfg.group(cfg.security.exception_group))
-    ntlm = partial(NTLM, allow_v1=cfg.security.allow_ntlmv1)
     engine = SASLEngine(cfg.security.methods, engine_policy(policy), factories={"NTLM": ntlm})
 
     writer = MaildirWriter(reactor)
     _Stoppable("maildir-writer", writer.start, writer.stop).setServiceParent(top)
     store_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-store")
     _Stoppable("store-pool", store_pool.start, store_pool.stop).setServiceParent(top)
-    mail_store = MailStore(paths.mail, store_pool, reactor, analyze)
+    mail_store = MailStore(paths.mail, store_pool, reactor, analyze, space=space)
     # Added after the pool, so it stops first: pending index writes finish while the pool still runs.
     _Stoppable("mail-store", lambda: None, mail_store.close).setServiceParent(top)
 
     backend = LocalDelivery(
         hostname=cfg.server.hostname,
         rules=RelayRules(cfg.domains.local, cfg.group(cfg.relay.local_group), cfg.relay.allow_authenticated),
-        resolver=RecipientResolver(users, auth_pool, reactor, cfg.domains.catch_all, default_domain),
+        resolver=RecipientResolver(
+            users, auth_pool, reactor, cfg.domains.catch_all, default_domain, directory=directory
+        ),
         writer=writer,
         pool=auth_pool,
         reactor=reactor,
@@ -194,7 +278,9 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         decode_tnef=cfg.misc.decode_tnef,
         decode_uuencode=cfg.misc.decode_uuencode,
         max_message_size=cfg.smtp.max_message_size,
+        space=space,
     )
+    backend.outbound = _queue_runner(cfg, top, reactor, logs, paths, backend.deliver_report)
 
     lockout: Lockout | None = None
     if cfg.lockout.enabled:
@@ -223,7 +309,14 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         group = cfg.group(cfg.master.group)
         master = Master(paths.master, key, group.contains, find_user, auth_pool, reactor)
 
+    namer: ClientNamer | None = None
+    if cfg.misc.resolve_client_names:
+        namer = ClientNamer(partial(make_resolver, cfg.dns), reactor)
+        ClientNamerService(namer).setServiceParent(top)
+
     def session_factory(client: ClientInfo) -> LoginSession:
+        if namer is not None:
+            namer.name(client)  # fire and forget: the session never waits for DNS
         return LoginSession(
             portal,
             engine,
@@ -249,6 +342,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             hostname=cfg.server.hostname,
             listener=name,
             banner=banner,
+            ehlo_greeting="" if cfg.misc.hide_version else f"kms {__version__}",
             implicit_tls=implicit,
             require_auth=name in ("submission", "smtps"),
             max_message_size=cfg.smtp.max_message_size,
@@ -291,5 +385,17 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
                 imap, mail_store.account, session_factory, starttls, clock=reactor, logs=logs
             )
         _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None)
+
+    if cfg.update.check and cfg.update.feed_url:
+        update_checker = Checker(
+            cfg.update,
+            cfg.proxy,
+            paths.root / STATE_FILE,
+            logs,
+            reactor,
+            partial(make_resolver, cfg.dns, reactor),
+            partial(deferToThreadPool, reactor, store_pool),
+        )
+        UpdateChecker(update_checker, reactor, cfg.update.interval).setServiceParent(top)
 
     return top

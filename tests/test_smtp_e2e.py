@@ -451,17 +451,3 @@ class LocalNetworkTests(_ServerCase):
         first = stored.split(b"\n")[0]
         self.assertEqual(first, b"Received: from client.remote.test")
         self.assertNotIn(b"127.0.0.1", stored)
-
-    @inlineCallbacks
-    def test_relay_allowed_but_not_yet_available(self):  # type: ignore[no-untyped-def]
-        """Relaying is allowed from the local group but answered 451 4.3.2 until the queue exists."""
-
-        def client() -> tuple[int, bytes]:
-            with self.smtp() as s:
-                s.ehlo()
-                s.mail("sender@example.test")
-                return s.rcpt("friend@elsewhere.test")
-
-        code, text = yield self.run_client(client)
-        self.assertEqual(code, 451)
-        self.assertTrue(text.startswith(b"4.3.2"))

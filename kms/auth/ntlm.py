@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.decrepit.ciphers.algorithms import ARC4, TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from kms.auth.credentials import PLAINTEXT, IChallengeCredentials, UserSecrets
@@ -66,6 +67,7 @@ class Flag(enum.IntFlag):
     EXTENDED_SESSIONSECURITY = 0x00080000
     TARGET_INFO = 0x00800000
     NEGOTIATE_128 = 0x20000000
+    KEY_EXCH = 0x40000000
     NEGOTIATE_56 = 0x80000000
 
 
@@ -128,6 +130,7 @@ class AuthenticateMessage:
     workstation: str
     mic: bytes | None = field(repr=False)
     raw: bytes = field(repr=False)
+    encrypted_session_key: bytes = field(default=b"", repr=False)
 
     @property
     def version(self) -> int | None:
@@ -273,6 +276,19 @@ def build_challenge(
     return message, ChallengeState(server_challenge, flags, negotiate.raw, message)
 
 
+def parse_challenge(data: bytes, negotiate: NegotiateMessage) -> ChallengeState:
+    """The state behind a CHALLENGE someone else built (a winbind helper), to verify the answer locally.
+
+    The helper is our own child process, but its output is still checked like any message: a
+    wrong type or a field outside the buffer is a `MalformedResponse`.
+    """
+    _header(data, 2, 48)
+    _payload(data, 12, 48)
+    _payload(data, 40, 48)
+    (flags,) = struct.unpack_from("<I", data, 20)
+    return ChallengeState(data[24:32], Flag(flags), negotiate.raw, data)
+
+
 def _av_pairs(data: bytes) -> dict[int, bytes]:
     """The AV pairs of an NTLMv2 client blob, up to MsvAvEOL; duplicates are refused."""
     pairs: dict[int, bytes] = {}
@@ -316,9 +332,10 @@ def parse_authenticate(data: bytes) -> AuthenticateMessage:
     _header(data, 3, _AUTHENTICATE_HEADER)
     (raw_flags,) = struct.unpack_from("<I", data, 60)
     flags = Flag(raw_flags)
-    # The encrypted session key (at 52) is checked too, though unused: we never offer key exchange.
+    # The encrypted session key (at 52) only matters when a winbind helper's CHALLENGE granted key
+    # exchange (ours never does): the MIC is then keyed with what it decrypts to.
     fields = [_payload(data, offset, _AUTHENTICATE_HEADER) for offset in (12, 20, 28, 36, 44, 52)]
-    lm_response, nt_response, domain, user, workstation, _session_key = fields
+    lm_response, nt_response, domain, user, workstation, session_key = fields
     n = len(nt_response)
     if n and n != _V1_RESPONSE_LENGTH and n < _V2_MIN_RESPONSE_LENGTH:
         raise MalformedResponse(f"NTLM NT response of {n} bytes")
@@ -332,6 +349,7 @@ def parse_authenticate(data: bytes) -> AuthenticateMessage:
         workstation=_text(workstation, unicode, "workstation"),
         mic=_v2_mic(data, nt_response) if n >= _V2_MIN_RESPONSE_LENGTH else None,
         raw=data,
+        encrypted_session_key=session_key,
     )
 
 
@@ -392,8 +410,14 @@ def verify(message: AuthenticateMessage, state: ChallengeState, nt_hash: bytes, 
         return False
     if message.mic is None:
         return True
-    # Without key exchange (never offered) the exported session key is the session base key.
+    # Without key exchange (we never offer it) the exported session key is the session base key;
+    # with it (a winbind helper's CHALLENGE may grant it) the client sent that key RC4-encrypted.
     session_key = _hmac_md5(key, proof)
+    if state.flags & Flag.KEY_EXCH:
+        if len(message.encrypted_session_key) != 16:
+            return False
+        decryptor = Cipher(ARC4(session_key), mode=None).decryptor()
+        session_key = decryptor.update(message.encrypted_session_key) + decryptor.finalize()
     raw = message.raw
     unsigned = raw[:_MIC_OFFSET] + bytes(_MIC_LENGTH) + raw[_MIC_OFFSET + _MIC_LENGTH :]
     return hmac.compare_digest(
@@ -467,14 +491,10 @@ class NTLM(Mechanism):
         if response is None:
             return Challenge(b"")
         if self._state is None:
-            negotiate = parse_negotiate(response)
-            challenge, self._state = build_challenge(
-                negotiate, self._target, secrets.token_bytes(CHALLENGE_LENGTH), filetime(time.time())
-            )
-            return Challenge(challenge)
+            return self._challenge(parse_negotiate(response))
         message = parse_authenticate(response)
-        username = login_name(message.user, message.domain)
-        credentials = NTLMCredentials(username, message, self._state, self._allow_v1, self._session.client)
+        credentials = self._credentials(message, self._state)
+        username = credentials.username
         refused = challenge_gate(credentials, self._session)
         if refused is not None:
             return refused
@@ -483,3 +503,15 @@ class NTLM(Mechanism):
         if message.version == 1 and not self._allow_v1:
             return self._session.refuse(username, self.name, "NTLMv1 refused (allow_ntlmv1 off)")
         return self._session.login(credentials)
+
+    def _challenge(self, negotiate: NegotiateMessage) -> Challenge | Deferred[Challenge]:
+        """Our own CHALLENGE; a subclass may have a helper build it instead (and set ``_state``)."""
+        challenge, self._state = build_challenge(
+            negotiate, self._target, secrets.token_bytes(CHALLENGE_LENGTH), filetime(time.time())
+        )
+        return Challenge(challenge)
+
+    def _credentials(self, message: AuthenticateMessage, state: ChallengeState) -> NTLMCredentials:
+        """What the portal checks; a subclass may name the user differently and add to it."""
+        username = login_name(message.user, message.domain)
+        return NTLMCredentials(username, message, state, self._allow_v1, self._session.client)

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
+from kms.auth.errors import TemporaryAuthFailure
 from kms.clientinfo import ClientInfo
 from kms.convert import ConversionReport, convert_message
 from kms.ipgroups import IPGroup
@@ -31,6 +33,7 @@ from kms.queue.interfaces import QueuedRecipient, QueueEntry
 from kms.smtp.commands import xtext_decode
 from kms.smtp.interfaces import Envelope, Refusal, Spool
 from kms.store.maildir import Copy, MaildirWriter, ensure_maildir, mailbox_path
+from kms.store.space import SpaceWatch, out_of_space
 from kms.store.spool import MessageSpool
 from kms.store.users import UserDB
 
@@ -169,8 +172,47 @@ def new_queue_id(now: float) -> str:
 # --- the backend ---------------------------------------------------------------------------------
 
 
+def _no_space() -> Refusal:
+    return Refusal(452, "4.3.1", "Insufficient system storage")
+
+
+class _Spool(MessageSpool):
+    """A spool that outlives a full disk: the failing write is kept in ``full``, what was spilled
+    is removed at once and the rest of DATA dropped, so the end of DATA can answer 452 4.3.1 (the
+    protocol answers 451 to a write that raises).  Reading it raises that error again."""
+
+    full: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.full is not None:
+            return
+        try:
+            super().write(data)
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            self.full = e
+            self.discard()
+
+    def open(self) -> BinaryIO:
+        if self.full is not None:
+            raise self.full
+        return super().open()
+
+
+
+class MailboxDirectory(Protocol):
+    """Users kept outside the user DB (Active Directory: `kms.auth.directory.Directory`)."""
+
+    def mailbox(self, address: str) -> Deferred[str | None]:
+        """The mailbox for ``address``, None if no user has it; `TemporaryAuthFailure` when unknown now."""
+        ...
+
+
 class RecipientResolver:
     """Maps an envelope recipient of a local domain to the mailbox address that receives it.
+
+    The user DB first, then the ``directory`` (when there is one), then the domain's catch-all.
 
     Look-ups run in the auth thread pool.  Found mailboxes are remembered for ``ttl`` seconds, so
     a busy sender costs one thread hop per message (the maildir write) instead of two; a user
@@ -186,8 +228,10 @@ class RecipientResolver:
         catch_all: Mapping[str, str],
         default_domain: str,
         ttl: float = 5.0,
+        directory: MailboxDirectory | None = None,
     ) -> None:
         self._users = users
+        self._directory = directory
         self._pool = pool
         self._reactor = reactor
         self._catch_all = catch_all
@@ -201,8 +245,28 @@ class RecipientResolver:
         now = self._reactor.seconds()
         if hit is not None and hit[1] > now:
             return succeed(hit[0])
-        d = deferToThreadPool(self._reactor, self._pool, self.resolve_blocking, recipient)
+        if self._directory is None:
+            d = deferToThreadPool(self._reactor, self._pool, self.resolve_blocking, recipient)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._local_user, recipient)
+            d.addCallback(self._directory_or_catch_all, recipient)
         return d.addCallback(self._remember, key)
+
+    def _directory_or_catch_all(self, mailbox: str | None, recipient: str) -> str | Deferred[str | None]:
+        if mailbox is not None:
+            return mailbox
+        assert self._directory is not None
+
+        def found(user: str | None) -> str | Deferred[str | None]:
+            if user is not None:
+                return user
+            return deferToThreadPool(self._reactor, self._pool, self._catch_all_user, recipient)
+
+        def unavailable(failure: Failure) -> None:
+            failure.trap(TemporaryAuthFailure)
+            raise Refusal(451, "4.4.3", f"<{recipient}>: Directory unavailable, try again later")
+
+        return self._directory.mailbox(self._address(recipient)).addCallbacks(found, unavailable)
 
     def _remember(self, mailbox: str | None, key: str) -> str | None:
         if mailbox is None:
@@ -214,12 +278,18 @@ class RecipientResolver:
         return mailbox
 
     def resolve_blocking(self, recipient: str) -> str | None:
+        return self._local_user(recipient) or self._catch_all_user(recipient)
+
+    def _address(self, recipient: str) -> str:
         local, domain = split_address(recipient)
-        domain = domain or self._default_domain
-        address = f"{local}@{domain}".lower()
-        record = self._users.get(address)
-        if record is not None and record.enabled:
-            return record.address
+        return f"{local}@{domain or self._default_domain}".lower()
+
+    def _local_user(self, recipient: str) -> str | None:
+        record = self._users.get(self._address(recipient))
+        return record.address if record is not None and record.enabled else None
+
+    def _catch_all_user(self, recipient: str) -> str | None:
+        domain = self._address(recipient).rpartition("@")[2]
         catch = self._catch_all.get(domain)
         if catch:
             record = self._users.get(f"{catch}@{domain}")
@@ -254,6 +324,7 @@ class LocalDelivery:
         decode_uuencode: bool = False,
         max_message_size: int | None = None,
         outbound: Outbound | None = None,
+        space: SpaceWatch | None = None,
     ) -> None:
         self.hostname = hostname
         self.rules = rules
@@ -273,11 +344,16 @@ class LocalDelivery:
         self.decode_uuencode = decode_uuencode
         self.max_message_size = max_message_size
         self.outbound = outbound
+        self.space = space
 
     def check_sender(
         self, client: ClientInfo, sender: str, params: Mapping[str, str | None]
     ) -> Deferred[None]:
-        """Any syntactically valid reverse-path is accepted (sender checks arrive with later issues)."""
+        """Any syntactically valid reverse-path is accepted (sender checks arrive with later issues),
+        unless the store is below its hard limit (SPEC §8)."""
+        if self.space is not None and self.space.refusing:
+            self.logs.mail("refused-no-space", client, sender=sender)
+            return fail(_no_space())
         return succeed(None)
 
     def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Deferred[str]:
@@ -302,7 +378,7 @@ class LocalDelivery:
         return self.resolver.resolve(recipient).addCallback(found)
 
     def new_spool(self) -> MessageSpool:
-        return MessageSpool(self.spool_dir)
+        return _Spool(self.spool_dir)
 
     def deliver(self, envelope: Envelope, spool: Spool) -> Deferred[str]:
         """Write every copy durably (group commit), log, and only then give the queue id.
@@ -317,6 +393,7 @@ class LocalDelivery:
         trace = self._trace(envelope, queue_id, now)
         entry = queue_entry(envelope, queue_id, now, spool.size + len(trace))
         d: Deferred[Any] = maybeDeferred(self._route, envelope, targets)
+        d.addCallback(lambda _: self._room(spool))
         if entry is not None:
             d.addCallback(lambda _: self._enqueue(entry, spool, trace))
         d.addCallback(lambda _: self._convert(envelope, spool, converted) if targets else None)
@@ -356,7 +433,70 @@ class LocalDelivery:
                 )
             return queue_id
 
-        return d.addBoth(done).addCallback(logged)
+        def full(failure: Any) -> Any:
+            if not out_of_space(failure.value):
+                return failure
+            if self.space is not None:
+                self.space.check_now()  # refuse the next MAIL without waiting for the periodic check
+            self.logs.mail("refused-no-space", envelope.client, sender=envelope.sender, size=spool.size)
+            raise _no_space()
+
+        return d.addBoth(done).addCallbacks(logged, full)
+
+    def _room(self, spool: Spool) -> Deferred[None] | None:
+        """ENOSPC (answered 452 4.3.1) if space ran out while the message arrived: its spool hit a
+        full disk, or the store is now below the hard limit (SPEC §8: checked before each message)."""
+        if isinstance(spool, _Spool) and spool.full is not None:
+            raise spool.full
+        return None if self.space is None else self.space.room()
+
+    def deliver_report(self, recipient: str, data: bytes) -> Deferred[str | None]:
+        """A message we wrote (a DSN) to ``recipient``: its local mailbox, or the queue with a null
+        sender (so it can never cause another DSN).  Fires with the mailbox or queue id once durable,
+        or None when a local recipient no longer exists (logged; a DSN is not worth a loop)."""
+        now = self.reactor.seconds()
+        queue_id = new_queue_id(now)
+        spool = self.new_spool()
+        spool.write(data.replace(b"\r\n", b"\n"))
+        _, domain = split_address(recipient)
+        if domain not in self.rules.local_domains:
+            entry = QueueEntry(
+                id=queue_id,
+                sender="",
+                recipients=[QueuedRecipient(address=recipient, notify=("NEVER",))],
+                created=now,
+                next_attempt=now,
+                size=spool.size,
+                body_8bit=not data.isascii(),
+                smtputf8=not recipient.isascii(),
+            )
+            d: Deferred[Any] = self._enqueue(entry, spool, b"")
+            d.addCallback(lambda _: queue_id)
+        else:
+
+            def located(mailbox: str | None) -> Deferred[Any] | None:
+                if mailbox is None:
+                    self.logs.mail("report-undeliverable", None, id=queue_id, recipient=recipient)
+                    return None
+                routed = maybeDeferred(self._route_mailboxes, [mailbox])
+                routed.addCallback(
+                    lambda _: self.writer.deliver([Copy(self._maildirs[mailbox], b"", spool)])
+                )
+                routed.addCallback(lambda _: self._on_delivered(mailbox) if self._on_delivered else None)
+                return routed.addCallback(lambda _: mailbox)
+
+            d = self.resolver.resolve(recipient).addCallback(located)
+
+        def logged(where: Any) -> Any:
+            if where is not None:
+                self.logs.mail("report", None, id=queue_id, recipient=recipient, size=spool.size)
+            return where
+
+        def discard(result: Any) -> Any:
+            spool.discard()
+            return result
+
+        return d.addBoth(discard).addCallback(logged)
 
     def _enqueue(self, entry: QueueEntry, spool: Spool, trace: bytes) -> Deferred[None]:
         """Relayed recipients: durable in the queue before the 250 (the body as received, no conversion)."""
@@ -403,7 +543,11 @@ class LocalDelivery:
         for recipient, mailbox in zip(envelope.recipients, envelope.routes, strict=True):
             if mailbox != REMOTE_ROUTE:
                 targets.setdefault(mailbox, recipient)
-        missing = [m for m in targets if m not in self._maildirs]
+        return self._route_mailboxes(targets)
+
+    def _route_mailboxes(self, mailboxes: Sequence[str] | Mapping[str, str]) -> Deferred[None] | None:
+        """Locate (off the reactor) the maildirs not seen before in this process."""
+        missing = [m for m in mailboxes if m not in self._maildirs]
         if not missing:
             return None
         located = deferToThreadPool(self.reactor, self.pool, self._locate, missing)

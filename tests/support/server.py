@@ -33,7 +33,7 @@ hostname = "mx.example.test"
 certificate = "tls/server.pem"
 private_key = "tls/server.key"
 [domains]
-local = ["example.test", "example.org"]
+local = {domains}
 [ip_groups]
 local = {local}
 [relay]
@@ -59,6 +59,7 @@ def write_config(
     hide_local_ip: bool = False,
     extra: str = "",
     listeners: dict[str, str] | None = None,
+    domains: Sequence[str] = ("example.test", "example.org"),
 ) -> Path:
     """A config for a server on ephemeral ports with its store and certificate under ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ def write_config(
         listeners = {name: "tcp:0:interface=127.0.0.1" for name in ("smtp", "submission", "smtps")}
     text = BASE_CONFIG.format(
         listeners="\n".join(f'{name} = "{value}"' for name, value in listeners.items()),
+        domains="[" + ", ".join(f'"{domain}"' for domain in domains) + "]",
         local=local,
         max_size=max_size,
         max_recipients=max_recipients,
