@@ -325,6 +325,22 @@ class EnvelopeToTests(_MiscServer):
         [copy] = map(parse, alice)
         self.assertEqual(copy.get_all("X-Envelope-To"), ["<alice@example.test>"])
 
+    @inlineCallbacks
+    def test_catch_all_copy_per_recipient(self):  # type: ignore[no-untyped-def]
+        """Two unknown recipients in one transaction: the domain mailbox gets a copy for each, so a
+        POP3 downloader can sort them by X-Envelope-To; the same address twice still gives one."""
+
+        def client() -> list[bytes]:
+            self.send(
+                ["sales@example.org", "info@example.org", "SALES@example.org"],
+                b"Subject: both\r\n\r\nfor two\r\n",
+            )
+            return self.read_back("box@example.org")
+
+        box = yield deferToThread(client)
+        stamps = sorted(tuple(parse(m).get_all("X-Envelope-To")) for m in box)
+        self.assertEqual(stamps, [("<info@example.org>",), ("<sales@example.org>",)])
+
 
 # --- Received from two loopback addresses ---------------------------------------------------------
 

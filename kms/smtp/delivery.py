@@ -383,12 +383,13 @@ class LocalDelivery:
     def deliver(self, envelope: Envelope, spool: Spool) -> Deferred[str]:
         """Write every copy durably (group commit), log, and only then give the queue id.
 
-        One copy per distinct mailbox (two recipients that reach the same mailbox get one copy,
-        stamped with the first recipient).  The mailbox of each recipient is the route RCPT found.
+        One copy per distinct (mailbox, recipient) with ``x_envelope_to`` (a catch-all mailbox gets a
+        copy for each address it receives for, so its owner can sort by X-Envelope-To), else one per
+        mailbox.  The mailbox of each recipient is the route RCPT found.
         """
         now = self.reactor.seconds()
         queue_id = new_queue_id(now)
-        targets: dict[str, str] = {}  # mailbox -> the first recipient that reached it
+        targets: dict[tuple[str, str], str] = {}  # (mailbox, recipient key) -> recipient
         converted: list[Spool] = []
         trace = self._trace(envelope, queue_id, now)
         entry = queue_entry(envelope, queue_id, now, spool.size + len(trace))
@@ -408,7 +409,7 @@ class LocalDelivery:
             return result
 
         def logged(_: object) -> str:
-            for mailbox, recipient in targets.items():
+            for (mailbox, _key), recipient in targets.items():
                 if self._on_delivered is not None:
                     self._on_delivered(mailbox)  # open IMAP/POP3 sessions of that mailbox see it now
                 self.logs.mail(
@@ -538,14 +539,15 @@ class LocalDelivery:
 
         return deferToThreadPool(self.reactor, self.pool, work).addCallbacks(report, failed)
 
-    def _route(self, envelope: Envelope, targets: dict[str, str]) -> Deferred[None] | None:
+    def _route(self, envelope: Envelope, targets: dict[tuple[str, str], str]) -> Deferred[None] | None:
         """Fill ``targets``; locate (off the reactor) maildirs not seen before in this process."""
         for recipient, mailbox in zip(envelope.recipients, envelope.routes, strict=True):
             if mailbox != REMOTE_ROUTE:
-                targets.setdefault(mailbox, recipient)
-        return self._route_mailboxes(targets)
+                key = recipient.lower() if self.x_envelope_to else ""
+                targets.setdefault((mailbox, key), recipient)
+        return self._route_mailboxes([mailbox for mailbox, _ in targets])
 
-    def _route_mailboxes(self, mailboxes: Sequence[str] | Mapping[str, str]) -> Deferred[None] | None:
+    def _route_mailboxes(self, mailboxes: Sequence[str]) -> Deferred[None] | None:
         """Locate (off the reactor) the maildirs not seen before in this process."""
         missing = [m for m in mailboxes if m not in self._maildirs]
         if not missing:
@@ -565,10 +567,10 @@ class LocalDelivery:
             version=None if self.hide_version else f"kms {__version__}",
         )
 
-    def _copies(self, spool: Spool, trace: bytes, targets: Mapping[str, str]) -> list[Copy]:
-        """One copy per mailbox: our Received header, X-Envelope-To, then the body as received."""
+    def _copies(self, spool: Spool, trace: bytes, targets: Mapping[tuple[str, str], str]) -> list[Copy]:
+        """One copy per target: our Received header, X-Envelope-To, then the body as received."""
         copies = []
-        for mailbox, recipient in targets.items():
+        for (mailbox, _key), recipient in targets.items():
             header = trace
             if self.x_envelope_to:
                 header += f"X-Envelope-To: <{recipient}>\n".encode()
