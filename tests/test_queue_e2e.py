@@ -62,6 +62,7 @@ class _QueueCase(TestCase):
         self.addCleanup(self.dns.stop)
         path = self.config_path()
         add_user(load_config(path), "alice@example.test", "secret-Pass1")
+        add_user(load_config(path), "bob@example.test", "secret-Pass2")
         self.server = yield RunningServer(path).start()
         self.addCleanup(self.server.stop)
 
@@ -141,6 +142,36 @@ class RelayTests(_QueueCase):
         self.assertIn("Status: 5.1.1", fields)
         self.assertIn("Remote-MTA: dns; mx1.elsewhere.test", fields)
         self.assertIn(b"<m1@example.test>", original.as_bytes())
+
+    @inlineCallbacks
+    def test_success_report_for_local_delivery(self):  # type: ignore[no-untyped-def]
+        """NOTIFY=SUCCESS and ENVID on a local recipient: a "delivered" report to the sender."""
+
+        def client() -> None:
+            with smtplib.SMTP("127.0.0.1", self.server.port("smtp"), timeout=10) as s:
+                s.ehlo()
+                self.assertTrue(s.has_extn("dsn"))
+                s.sendmail(
+                    "alice@example.test",
+                    ["bob@example.test"],
+                    b"Subject: tell me\r\n\r\nbody\r\n",
+                    mail_options=["ENVID=QQ+2B314"],
+                    rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bob+2Bx@example.test"],
+                )
+
+        yield deferToThread(client)
+        for _ in range(200):
+            if self.server.messages("alice@example.test"):
+                break
+            yield deferLater(reactor, 0.025, lambda: None)
+        [raw] = self.server.messages("alice@example.test")
+        report = email.message_from_bytes(raw, policy=email.policy.default)
+        fields = report.get_payload()[1].as_string()
+        self.assertIn("Action: delivered", fields)
+        self.assertIn("Final-Recipient: rfc822; bob@example.test", fields)
+        self.assertIn("Original-Recipient: rfc822;bob+x@example.test", fields)
+        self.assertIn("Original-Envelope-Id: QQ+314", fields)
+        self.assertEqual(len(self.server.messages("bob@example.test")), 1)
 
     @inlineCallbacks
     def test_deferred_mail_is_listed_by_kmsctl(self):  # type: ignore[no-untyped-def]

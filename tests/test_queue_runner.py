@@ -255,3 +255,45 @@ class RunnerTests(TestCase):
         self.assertIsNone(self.entry(entry_id))
         [(_, data)] = self.reports
         self.assertIn(b"bounced by the administrator", data)
+
+    @inlineCallbacks
+    def test_success_report_when_the_host_cannot_pass_notify_on(self):  # type: ignore[no-untyped-def]
+        """NOTIFY=SUCCESS to a host without DSN: we report "relayed"; with DSN it is the host's job."""
+        self.sink("127.0.0.2")  # no DSN in its EHLO
+        runner = self.runner()
+        entry_id = yield self.enqueue(runner, QueuedRecipient("bob@elsewhere.test", notify=("SUCCESS",)))
+        self.assertIsNone((yield self.settled(runner, entry_id)))
+        [(to, data)] = self.reports
+        self.assertEqual(to, "alice@example.test")
+        self.assertIn(b"Action: relayed", data)
+
+    @inlineCallbacks
+    def test_no_success_report_when_the_host_offers_dsn(self):  # type: ignore[no-untyped-def]
+        mx1 = self.sink("127.0.0.2", extensions=("PIPELINING", "DSN", "ENHANCEDSTATUSCODES"))
+        runner = self.runner()
+        entry_id = yield self.enqueue(runner, QueuedRecipient("bob@elsewhere.test", notify=("SUCCESS",)))
+        self.assertIsNone((yield self.settled(runner, entry_id)))
+        self.assertEqual(self.reports, [])
+        self.assertIn("RCPT TO:<bob@elsewhere.test> NOTIFY=SUCCESS", mx1.session.commands)
+
+    @inlineCallbacks
+    def test_a_hanging_destination_holds_up_only_its_own_mail(self):  # type: ignore[no-untyped-def]
+        """slow.test's MX accepts connections and never greets; elsewhere.test's mail still goes."""
+        self.dns.add_mx("slow.test", 10, "mx.slow.test")
+        self.dns.add_a("mx.slow.test", "127.0.0.4")
+        slow = self.sink("127.0.0.4", greeting=None)
+        mx1 = self.sink("127.0.0.2")
+        runner = self.runner(max_per_domain=1, max_connections=2)
+        stuck = yield self.enqueue(runner, "a@slow.test")
+        waiting = yield self.enqueue(runner, "b@slow.test")
+        self.clock.advance(0)
+        for _ in range(400):  # the first slow.test attempt is connected and waiting for a greeting
+            if slow.sessions:
+                break
+            yield deferLater(reactor, 0.025, lambda: None)
+        fast = yield self.enqueue(runner, "bob@elsewhere.test")
+        self.assertIsNone((yield self.settled(runner, fast)))
+        self.assertEqual(len(mx1.session.messages), 1)
+        self.assertEqual(len(slow.sessions), 1)  # b@slow.test waits for the one slow.test slot
+        self.assertIn(stuck, runner._active)
+        self.assertIn(waiting, runner._active)

@@ -574,7 +574,8 @@ async def _converse(
     body: IO[bytes],
     s: _Settings,
     starttls: bool,
-) -> dict[str, Reply]:
+) -> tuple[dict[str, Reply], bool]:
+    """The replies, and whether the host offered DSN (so NOTIFY went on with the recipients)."""
     try:
         greeting = await protocol.expect("greeting", s.timeouts.greeting)
     except _Lost as lost:
@@ -589,7 +590,8 @@ async def _converse(
     if s.credentials is not None:
         await _authenticate(protocol, s, extensions, s.credentials)
     _check_message(message, extensions, s)
-    return await _transaction(protocol, message, recipients, body, extensions, s)
+    replies = await _transaction(protocol, message, recipients, body, extensions, s)
+    return replies, "DSN" in extensions.keywords
 
 
 async def _session(
@@ -600,7 +602,7 @@ async def _session(
     body: IO[bytes],
     s: _Settings,
     starttls: bool,
-) -> dict[str, Reply]:
+) -> tuple[dict[str, Reply], bool]:
     """One connection: connect, converse, QUIT; the connection is closed when this returns."""
     endpoint_class = TCP6ClientEndpoint if ":" in hop.address else TCP4ClientEndpoint
     endpoint: Any = endpoint_class(reactor, hop.address, hop.port, timeout=s.connect_timeout)
@@ -648,14 +650,15 @@ async def _attempt(reactor: Any, hop: Hop, message: OutboundMessage, s: _Setting
     try:
         starttls = s.tls.mode in ("opportunistic", "required")
         try:
-            replies.update(await _session(reactor, hop, message, recipients, body, s, starttls))
+            got, dsn = await _session(reactor, hop, message, recipients, body, s, starttls)
         except _TLSFailed:
             if s.tls.mode != "opportunistic":
                 raise
-            replies.update(await _session(reactor, hop, message, recipients, body, s, starttls=False))
+            got, dsn = await _session(reactor, hop, message, recipients, body, s, starttls=False)
     finally:
         body.close()
-    return AttemptResult(s.host, replies)
+    replies.update(got)
+    return AttemptResult(s.host, replies, dsn=dsn)
 
 
 def attempt(

@@ -128,10 +128,15 @@ class OutboundMessage:
 
 @dataclass(frozen=True)
 class AttemptResult:
-    """The host's answer for each recipient of an attempt (address -> Reply)."""
+    """The host's answer for each recipient of an attempt (address -> Reply).
+
+    ``dsn``: the host offered DSN, so NOTIFY/ORCPT went on and success reports are its job; without
+    it, a recipient that asked for NOTIFY=SUCCESS gets a "relayed" report from us (RFC 3461 §4.3).
+    """
 
     host: str  # "mx1.example.org [192.0.2.1]"
     replies: Mapping[str, Reply] = field(default_factory=dict)
+    dsn: bool = False
 
 
 class HostFailure(Exception):

@@ -238,28 +238,36 @@ class QueueRunner(Service):
             except NoSuchEntry:
                 return  # delivered and removed by an earlier pass, or deleted with kmsctl
             if not entry.pending() or entry.next_attempt <= self.clock.seconds():
+                relayed: list[QueuedRecipient] = []
                 if entry.pending():
-                    yield self._deliver(entry)
+                    yield self._deliver(entry, relayed)
                 if self.running:  # stopped meanwhile: the entry stays as it was on disk
-                    yield self._settle(entry)
+                    yield self._settle(entry, relayed)
         finally:
             lock.release()  # one flock(LOCK_UN) and close: too small to be worth a thread hop
 
     # --- one delivery pass -------------------------------------------------------------------------
 
-    def _deliver(self, entry: QueueEntry) -> Deferred[Any]:
+    def _deliver(self, entry: QueueEntry, relayed: list[QueuedRecipient]) -> Deferred[Any]:
+        """Every destination group of the entry at once; ``relayed`` collects the recipients that
+        asked for a success report from a host that could not pass NOTIFY on."""
         groups: dict[str, list[QueuedRecipient]] = {}
         for recipient in entry.pending():
             key = "" if self.settings.smarthost else destination(recipient.address)
             groups.setdefault(key, []).append(recipient)
         body = self.store.body_path(entry.id)
         return gatherResults(
-            [self._limited(domain, entry, recipients, body) for domain, recipients in groups.items()],
+            [self._limited(domain, rcpts, entry, body, relayed) for domain, rcpts in groups.items()],
             consumeErrors=True,
         )
 
     def _limited(
-        self, domain: str, entry: QueueEntry, recipients: list[QueuedRecipient], body: Path
+        self,
+        domain: str,
+        recipients: list[QueuedRecipient],
+        entry: QueueEntry,
+        body: Path,
+        relayed: list[QueuedRecipient],
     ) -> Deferred[Any]:
         """One destination group within the per-destination and overall connection limits."""
         per_domain = self._per_domain.get(domain)
@@ -271,12 +279,21 @@ class QueueRunner(Service):
                 self._per_domain.pop(domain, None)
             return result
 
-        d = per_domain.run(self._connections.run, self._group, domain, entry, recipients, body)
+        d = per_domain.run(self._connections.run, self._group, domain, entry, recipients, body, relayed)
         return d.addBoth(forget_idle)
 
     @inlineCallbacks
-    def _group(self, domain: str, entry: QueueEntry, recipients: list[QueuedRecipient], body: Path) -> Any:
+    def _group(
+        self,
+        domain: str,
+        entry: QueueEntry,
+        recipients: list[QueuedRecipient],
+        body: Path,
+        relayed: list[QueuedRecipient],
+    ) -> Any:
         """Try the hops of one destination in order until one answers for the recipients."""
+        if not self.running:
+            return  # stopping: waited for a connection slot in vain; the recipients stay pending
         now = self.clock.seconds
         try:
             target = self.settings.smarthost or domain
@@ -333,6 +350,8 @@ class QueueRunner(Service):
                     reply = Reply(451, "4.4.0", "no answer for this recipient")
                 schedule.apply_reply(r, reply, result.host, now())
                 self._log_result(entry, r)
+                if r.state == DELIVERED and not result.dsn and schedule.wants_success_dsn(r):
+                    relayed.append(r)
             return
         if last is not None:
             for r in recipients:
@@ -354,7 +373,7 @@ class QueueRunner(Service):
     # --- after the pass: expiry, DSNs, save or remove -----------------------------------------------
 
     @inlineCallbacks
-    def _settle(self, entry: QueueEntry) -> Any:
+    def _settle(self, entry: QueueEntry, relayed: list[QueuedRecipient]) -> Any:
         """After a pass (or a kmsctl bounce): expiry, failure and delay DSNs, then save or remove.
 
         A DSN is made durable before the entry records it as sent, so a crash sends it again rather
@@ -374,6 +393,8 @@ class QueueRunner(Service):
         for r in entry.recipients:
             if r.state == BOUNCED:
                 r.dsn_sent = True  # reported now, or never to be (NOTIFY, null sender)
+        if relayed and entry.sender:
+            yield self._send_dsn(entry, relayed, dsn.RELAYED, now)
         if schedule.needs_delay_warning(entry, now, s.delay_warning):
             yield self._send_dsn(entry, schedule.delay_recipients(entry), dsn.DELAYED, now)
             entry.delay_warned = True

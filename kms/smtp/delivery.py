@@ -29,7 +29,9 @@ from kms.clientinfo import ClientInfo
 from kms.convert import ConversionReport, convert_message
 from kms.ipgroups import IPGroup
 from kms.logs import Logs
-from kms.queue.interfaces import QueuedRecipient, QueueEntry
+from kms.queue import dsn
+from kms.queue.dsn import build_dsn
+from kms.queue.interfaces import DELIVERED, QueuedRecipient, QueueEntry
 from kms.smtp.commands import xtext_decode
 from kms.smtp.interfaces import Envelope, Refusal, Spool
 from kms.store.maildir import Copy, MaildirWriter, ensure_maildir, mailbox_path
@@ -113,15 +115,18 @@ def received_header(
 REMOTE_ROUTE = "@remote"
 
 
-def queue_entry(envelope: Envelope, queue_id: str, now: float, size: int) -> QueueEntry | None:
-    """The queue entry for the envelope's relayed recipients, with their DSN parameters; None if none.
+def queue_entry(
+    envelope: Envelope, queue_id: str, now: float, size: int, remote: bool = True
+) -> QueueEntry | None:
+    """The queue entry for the envelope's relayed recipients (``remote``) or its local ones, with
+    their DSN parameters; None if there are none.  The local form only feeds success reports.
 
     ENVID is kept decoded (it was validated as xtext at MAIL); NOTIFY and ORCPT were decoded at RCPT.
     """
     recipients = []
     params = envelope.rcpt_params or tuple({} for _ in envelope.recipients)
     for address, route, rcpt in zip(envelope.recipients, envelope.routes, params, strict=True):
-        if route != REMOTE_ROUTE:
+        if (route == REMOTE_ROUTE) != remote:
             continue
         notify = rcpt.get("NOTIFY")
         recipients.append(
@@ -432,6 +437,7 @@ class LocalDelivery:
                     size=entry.size if entry is not None else 0,
                     protocol=envelope.protocol,
                 )
+            self._report_success(envelope, queue_id, now, spool.size)
             return queue_id
 
         def full(failure: Any) -> Any:
@@ -443,6 +449,33 @@ class LocalDelivery:
             raise _no_space()
 
         return d.addBoth(done).addCallbacks(logged, full)
+
+    def _report_success(self, envelope: Envelope, queue_id: str, now: float, size: int) -> None:
+        """NOTIFY=SUCCESS on a local recipient: a "delivered" report (RFC 3461 §4.1), after the 250.
+
+        Best effort: it is built and delivered while the client goes on; a failure is logged.
+        """
+        entry = queue_entry(envelope, queue_id, now, size, remote=False)
+        if entry is None or not entry.sender:
+            return
+        asked = [r for r in entry.recipients if "SUCCESS" in r.notify]
+        if not asked:
+            return
+        for r in asked:
+            r.state, r.status, r.final_time = DELIVERED, "2.0.0", now
+        data = build_dsn(
+            entry,
+            asked,
+            dsn.DELIVERED,
+            reporting_mta=self.hostname,
+            now=now,
+            product=None if self.hide_version else f"kms {__version__}",
+        )
+
+        def failed(failure: Failure) -> None:
+            self.logs.error("report-failed", envelope.client, id=queue_id, error=failure.getErrorMessage())
+
+        self.deliver_report(entry.sender, data).addErrback(failed)
 
     def _room(self, spool: Spool) -> Deferred[None] | None:
         """ENOSPC (answered 452 4.3.1) if space ran out while the message arrived: its spool hit a
