@@ -669,8 +669,8 @@ class DirectoryNTLM(NTLM):
 
         def own(failure: Failure) -> Challenge | defer.Deferred[Challenge]:
             # No helper (all busy, broken, missing): local users need none, so go on without.
-            failure.trap(TemporaryAuthFailure)
             exchange.release()
+            failure.trap(TemporaryAuthFailure)
             exchange.unavailable = str(failure.value)
             return NTLM._challenge(self, negotiate)
 
@@ -711,10 +711,10 @@ def directory_ntlm(
     """
     d = directory
     names = DirectoryNames.from_config(d.domain, d.mail_domain, d.base_dn)
-    group = membership_name(directory.domain, directory.require_group) if directory.require_group else ""
+    group = membership_name(d.domain, d.require_group) if d.require_group else ""
     pool = None
     if security.allow_ntlm_for_directory_users:
-        argv = helper_command(directory.ntlm_helper, directory.domain, directory.require_group)
+        argv = helper_command(d.ntlm_helper, d.domain, d.require_group)
         pool = HelperPool(argv, reactor, logs=logs)
         pool.setServiceParent(parent)
     factory = partial(DirectoryNTLM, names=names, pool=pool, group=group, allow_v1=security.allow_ntlmv1)
