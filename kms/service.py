@@ -27,7 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
-from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.checkers import CompositeChecker, LocalUserChecker, UnlessDisabledHere
 from kms.auth.directory import Directory, DirectoryChecker, DirectoryClient, DirectorySettings
 from kms.auth.lockout import Lockout, LockoutDB, LockoutSettings
 from kms.auth.master import Master
@@ -245,7 +245,14 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         ntlm, winbind = directory_ntlm(
             cfg.directory, cfg.security, reactor, logs, top, address_for=directory.address_for
         )
-        checkers += [winbind, DirectoryChecker(directory)]
+        def disabled_here(address: str) -> Any:
+            def look() -> bool:
+                record = users.get(address)
+                return record is not None and not record.enabled
+
+            return deferToThreadPool(reactor, auth_pool, look)
+
+        checkers += [UnlessDisabledHere(c, disabled_here) for c in (winbind, DirectoryChecker(directory))]
     checker = CompositeChecker(checkers)
     portal = Portal(Realm(), [checker])
     policy = SecurityPolicy(cfg.security.policy, cfg.group(cfg.security.exception_group))

@@ -22,6 +22,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,6 +186,31 @@ class AuthEndToEndTests(TestCase):
         unknown = await deferToThread(attempt, "nobody@example.test", "wrong")
         self.assertIn("[AUTHENTICATIONFAILED]", sha)
         self.assertEqual({sha, wrong, unknown}, {sha})
+
+    async def test_kmsctl_changes_reach_the_running_server(self) -> None:
+        """``kmsctl user disable`` / ``passwd`` while the server runs take effect at the next login."""
+
+        def login(user: str, password: str) -> str:
+            m = imaplib.IMAP4("127.0.0.1", self.port("imap"))
+            try:
+                return m.login(user, password)[0]
+            except imaplib.IMAP4.error as e:
+                return str(e)
+            finally:
+                m.shutdown()
+
+        def kmsctl(*args: str, stdin: str = "") -> None:
+            command = [str(Path(sys.executable).parent / "kmsctl"), "--config", str(self.server.config.path)]
+            subprocess.run([*command, *args], input=stdin, check=True, capture_output=True, text=True)
+
+        self.assertEqual(await deferToThread(login, ALICE, PASSWORDS[ALICE]), "OK")
+        await deferToThread(kmsctl, "user", "disable", ALICE)
+        self.assertIn("[AUTHENTICATIONFAILED]", await deferToThread(login, ALICE, PASSWORDS[ALICE]))
+        await deferToThread(kmsctl, "user", "enable", ALICE)
+        self.assertEqual(await deferToThread(login, ALICE, PASSWORDS[ALICE]), "OK")
+        await deferToThread(kmsctl, "user", "passwd", ALICE, "--password-stdin", stdin="a new One-9\n")
+        self.assertIn("[AUTHENTICATIONFAILED]", await deferToThread(login, ALICE, PASSWORDS[ALICE]))
+        self.assertEqual(await deferToThread(login, ALICE, "a new One-9"), "OK")
 
     async def test_poplib_apop(self) -> None:
         """APOP works for des users; for sha users it fails like a wrong password or unknown user."""

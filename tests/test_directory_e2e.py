@@ -319,3 +319,19 @@ class DirectoryEndToEndTests(_DirectoryServer):
         self.assertEqual(rows["de-dis@kms.test"], ["de-dis", "account disabled in the directory"])
         self.assertEqual(rows["de-outsider@kms.test"], ["de-outsider", "not in require_group"])
         self.assertNotIn(AD_PASSWORD, ok.stdout + ok.stderr + wrong.stdout + wrong.stderr)
+
+    async def test_disabled_in_kms(self) -> None:
+        """``kmsctl user disable`` on a directory user's record stops her logins (LDAP and the same
+        reply as a wrong password); ``user enable`` lets her in again; AD is never touched."""
+        added = await deferToThread(self.kmsctl, "user", "add", ALICE, "--source", "directory")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        self.assertEqual((await self.attempt("imap", "LOGIN", "de-alice", AD_PASSWORD)).split()[0], "OK")
+        off = await deferToThread(self.kmsctl, "user", "disable", ALICE)
+        self.assertEqual(off.returncode, 0, off.stderr)
+        refused = await self.attempt("imap", "LOGIN", "de-alice", AD_PASSWORD)
+        wrong = await self.attempt("imap", "LOGIN", "de-alice", "not her password")
+        self.assertEqual(refused, wrong)
+        self.assertIn(f"{ALICE} is disabled in kms", self.security_log())
+        on = await deferToThread(self.kmsctl, "user", "enable", ALICE)
+        self.assertEqual(on.returncode, 0, on.stderr)
+        self.assertEqual((await self.attempt("imap", "LOGIN", "de-alice", AD_PASSWORD)).split()[0], "OK")

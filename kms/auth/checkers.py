@@ -217,3 +217,31 @@ class CompositeChecker:
                 self.log.failure("credentials checker {checker!r} failed", checker=checker)
                 raise TemporaryAuthFailure(f"{type(checker).__name__} failed: {type(e).__name__}") from e
         raise UnknownUser("no checker knows this user")
+
+
+@implementer(ICredentialsChecker)
+class UnlessDisabledHere:
+    """A directory checker (LDAP bind, winbind NTLM) whose users kms itself may switch off.
+
+    The directory decides the password; ``kmsctl user disable`` on a directory user's record
+    (``user add --source directory``) stops their mail access without touching AD.  A disabled
+    user fails like a wrong password, with the reason logged.
+    """
+
+    def __init__(self, inner: Any, is_disabled: Any) -> None:
+        self._inner = inner
+        self._is_disabled = is_disabled  # address -> Deferred[bool]
+        self.credentialInterfaces = inner.credentialInterfaces
+
+    def requestAvatarId(self, credentials: ICredentials) -> defer.Deferred[str]:  # type: ignore[override]
+        d = defer.maybeDeferred(self._inner.requestAvatarId, credentials)
+
+        def check(address: str) -> defer.Deferred[str]:
+            def decided(disabled: bool) -> str:
+                if disabled:
+                    raise AuthenticationFailed(f"{address} is disabled in kms (kmsctl user enable)")
+                return address
+
+            return self._is_disabled(address).addCallback(decided)  # type: ignore[no-any-return]
+
+        return d.addCallback(check)

@@ -162,6 +162,22 @@ def user_secrets(record: UserRecord, key: StoreKey) -> UserSecrets:
     return UserSecrets(record.address, reversible_password(record, key), scram)
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would use the umask).
+
+    Only when it does not exist yet: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, so opening and closing an existing users.db beside a live connection (a
+    second UserDB in one process) would silently drop that connection's locks; another process's
+    last connection then checkpoints and removes the WAL under it, and it reads a frozen snapshot
+    from then on (seen: kmsctl changes never reaching a running server in the tests).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def _record(row: tuple[str, str, str, int, float, float, str | None]) -> UserRecord:
     address, storage, secret, enabled, created, changed, scram = row
     return UserRecord(address, storage, secret, bool(enabled), created, changed, scram)
@@ -179,7 +195,7 @@ class UserDB:
         self.path = path
         self._now = now
         self._lock = threading.Lock()
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        _create_private(path)
         self._conn = sqlite3.connect(
             path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
