@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+from kms.fsutil import replace_file
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -64,22 +65,6 @@ def server_context_factory(certificate: Path, private_key: Path) -> CertificateO
     except (TypeError, SSL.Error) as error:
         raise ValueError(f"TLS certificate {certificate} cannot be used: {error}") from None
     return options
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write via a ``mode``-from-birth temporary file and rename, so a reader never sees half a key."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(stream.fileno(), mode)  # exactly ``mode``, whatever the umask
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        temporary.unlink()
-        raise
-    temporary.replace(path)
 
 
 def generate_dev_certificate(
@@ -143,6 +128,6 @@ def generate_dev_certificate(
     )
     private_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     certificate.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_atomically(private_key, key_pem, 0o600)
-    _write_atomically(certificate, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    replace_file(private_key, key_pem, 0o600)  # a reader never sees half a key
+    replace_file(certificate, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True

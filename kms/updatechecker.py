@@ -12,7 +12,6 @@ server; a direct call in kmsctl, whose reactor serves nobody else).
 from __future__ import annotations
 
 import functools
-import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from twisted.python.failure import Failure
 from kms import __version__
 from kms.config import Config, ProxyConfig, UpdateConfig
 from kms.dns import make_resolver
-from kms.fsutil import write_all
+from kms.fsutil import replace_file
 from kms.httpfetch import FetchError, Proxy, fetch
 from kms.logs import Logs
 from kms.updates import (
@@ -100,17 +99,7 @@ def read_inputs(update: UpdateConfig, proxy: ProxyConfig | None) -> Inputs:
 
 def write_state(path: Path, state: UpdateState) -> None:
     """Blocking: replace ``path`` atomically (temporary file, fsync, rename), so readers see whole states."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        write_all(fd, state_to_json(state))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temporary.unlink()
-        raise
-    os.close(fd)
-    temporary.replace(path)
+    replace_file(path, state_to_json(state), 0o640)
 
 
 def read_state(path: Path) -> UpdateState | None:

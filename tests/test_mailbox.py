@@ -19,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
-from kms.store.index import CACHE, UIDLIST, FolderFiles, IndexCache, LazyMeta
+from kms.store.index import CACHE, SNAPSHOT, UIDLIST, Entry, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
     Account,
     FolderEvent,
@@ -585,6 +585,86 @@ class UnchangedCurTests(StoreCase):
         view.close()
         self.assertNotEqual(os.stat(self.root / "cur").st_mtime_ns, stamp[0])
         self.assertEqual(await self.subjects(), [(2, "two", {"\\Seen"}), (3, "three", {"work"})])
+
+
+class SnapshotTests(StoreCase):
+    """A folder leaving memory leaves a snapshot of itself (`kms.store.index.encode_snapshot`),
+    and the next cold load takes it instead of the cache's rows, but only while it describes
+    exactly the cache's content: anything else falls back to the rows, never to wrong data."""
+
+    settled = UnchangedCurTests.settled
+    age_cur = UnchangedCurTests.age_cur
+    recorded = UnchangedCurTests.recorded
+    subjects = UnchangedCurTests.subjects
+
+    async def snapshotted(self) -> None:
+        """The settled folder opened and closed by a server that then stops: a snapshot now."""
+        await self.settled()
+        store = self.new_store()
+        (await self.open(store=store)).close()
+        await store.close()
+        self.assertTrue((self.root / SNAPSHOT).exists())
+
+    def load(self) -> tuple[list[tuple[object, ...]], bool]:
+        """A fresh process's load, as comparable tuples, and whether it came from the snapshot."""
+        files = FolderFiles(self.root, analyze, UidValidities())
+        try:
+            loaded = files.load()
+            used = bool(files._snapshot_key)
+        finally:
+            files.close()
+        rows = [
+            (i.uid, i.size, i.internal_date, i.flags, i.headers, dict(i.meta), loaded.names[i.uid])
+            for i in loaded.infos
+        ]
+        return rows, used
+
+    async def test_next_load_takes_the_snapshot_with_the_same_content(self) -> None:
+        await self.snapshotted()
+        from_snapshot, used = self.load()
+        self.assertTrue(used)
+        (self.root / SNAPSHOT).unlink()
+        from_rows, used = self.load()
+        self.assertFalse(used)
+        self.assertEqual(from_snapshot, from_rows)
+        self.assertEqual([r[3] for r in from_rows], [{"\\Seen"}, frozenset(), {"work"}])
+
+    async def test_change_by_another_process_after_the_snapshot(self) -> None:
+        """A keyword changes only the cache (no file is renamed, cur/'s mtime stays): the cache's
+        generation moved, so the older snapshot is not taken."""
+        await self.snapshotted()
+        files = FolderFiles(self.root, analyze, UidValidities())
+        loaded = files.load()
+        info = next(i for i in loaded.infos if i.uid == 2)
+        entry = Entry(info, loaded.names[2])
+        files.set_flags([(entry, frozenset({"urgent"}))])
+        files.close()  # no snapshot of its own: the one on disk is from before the change
+        self.assertEqual(
+            await self.subjects(),
+            [(1, "one", {"\\Seen"}), (2, "two", {"urgent"}), (3, "three", {"work"})],
+        )
+
+    async def test_damaged_snapshots_fall_back_to_the_rows(self) -> None:
+        await self.snapshotted()
+        good = (self.root / SNAPSHOT).read_bytes()
+        expected = [(1, "one", {"\\Seen"}), (2, "two", frozenset()), (3, "three", {"work"})]
+        other_format = good[:8] + b"\x63\x00" + good[10:]
+        flipped = good[:-40] + bytes([good[-40] ^ 1]) + good[-39:]
+        for damaged in (good[: len(good) // 2], good[:20], b"", os.urandom(len(good)), other_format, flipped):
+            (self.root / SNAPSHOT).write_bytes(damaged)
+            self.assertEqual(self.load()[1], False)
+            self.assertEqual(await self.subjects(), expected)
+        (self.root / SNAPSHOT).write_bytes(good)
+        self.assertEqual(self.load()[1], True)
+
+    async def test_no_snapshot_while_cur_is_unsettled(self) -> None:
+        """Without a recorded cur/ stamp every load lists cur/ anyway: no snapshot is written."""
+        account = await self.account()
+        await account.append("INBOX", message("one"))
+        store = self.new_store()
+        (await self.open(store=store)).close()
+        await store.close()
+        self.assertFalse((self.root / SNAPSHOT).exists())
 
 
 class ViewTests(StoreCase):

@@ -393,6 +393,7 @@ class LockTests(StoreTestCase):
 CRASH = """
 import os, sys
 from pathlib import Path
+import kms.fsutil as fsutil
 import kms.queue.store as store_module
 from kms.queue.store import QueueStore
 from kms.queue.interfaces import QueueEntry, QueuedRecipient
@@ -413,7 +414,7 @@ def counted(name, real):
     return call
 
 store = QueueStore(root)
-store_module.write_all = counted("write_all", store_module.write_all)
+fsutil.write_all = counted("write_all", fsutil.write_all)
 store_module.fsync_dir = counted("fsync_dir", store_module.fsync_dir)
 os.fsync = counted("fsync", os.fsync)
 os.rename = counted("rename", os.rename)

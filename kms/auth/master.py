@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from kms.auth.passwords import StoreKey, dummy_verify, hash_password, verify_password
+from kms.fsutil import replace_file
 
 MASTER_PROTOCOLS = frozenset({"imap", "pop3"})
 _CONTEXT = "master"
@@ -63,17 +63,7 @@ def save(path: Path, password: str, key: StoreKey) -> None:
     if not password:
         raise ValueError("empty master password")
     data = {"hash": hash_password(password), "token": key.encrypt(password, _CONTEXT)}
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_file(path, json.dumps(data).encode("utf-8"), 0o600)
 
 
 def load(path: Path) -> MasterSecret | None:

@@ -48,7 +48,7 @@ from typing import Any, BinaryIO
 
 from twisted.logger import Logger
 
-from kms.fsutil import fsync_dir, write_all
+from kms.fsutil import fsync_dir, replace_file
 from kms.queue.interfaces import STATES, QueuedRecipient, QueueEntry
 
 FORMAT_VERSION = 1
@@ -365,22 +365,10 @@ class QueueStore:
     # writing
 
     def _write_file(self, final: Path, chunks: Iterator[bytes]) -> int:
-        """``chunks`` into ``final.tmp``, fsync'd, renamed to ``final``; the bytes written."""
-        tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        size = 0
-        try:
-            for chunk in chunks:
-                write_all(fd, chunk)
-                size += len(chunk)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
-        os.rename(tmp, final)
-        return size
+        """``chunks`` into ``final.tmp``, fsync'd, renamed to ``final``; the bytes written.
+
+        The ``.tmp`` name is what crash recovery looks for (`recover`)."""
+        return replace_file(final, chunks, 0o600, tmp=final.with_name(final.name + ".tmp"))
 
     def add(self, entry: QueueEntry, body_source: BinaryIO | bytes, header: bytes = b"") -> QueueEntry:
         """Queue a new message durably: ``header`` + ``body_source`` as the body, then the envelope,

@@ -24,22 +24,29 @@ import errno
 import gc
 import itertools
 import json
+import marshal
 import os
 import re
 import secrets
 import socket
 import sqlite3
+import struct
+import sys
 import threading
 import time
+import zlib
+from array import array
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
 from twisted.logger import Logger
 
-from kms.fsutil import fsync_dir, write_all
+from kms.fsutil import fsync_dir, replace_file, write_all
 from kms.store.interfaces import SYSTEM_FLAGS, Analyzer, MailboxError, MessageInfo
 from kms.store.maildir import ensure_maildir, maildir_name
 from kms.wireform import header_section, wire_form
@@ -48,6 +55,7 @@ log = Logger()
 
 UIDLIST = "kms-uidlist"
 CACHE = "kms-index"
+SNAPSHOT = "kms-snapshot"
 INFO = ":2,"
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 _LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
@@ -440,14 +448,14 @@ def entries_of(pairs: Iterable[tuple[MessageInfo, str]]) -> list[Entry]:
 def flag_tally(infos: Iterable[MessageInfo]) -> tuple[int, list[int]]:
     """How many of ``infos`` are unseen, and the UIDs flagged \\Deleted: kept up to date as a
     folder changes, so STATUS and EXPUNGE never walk the whole folder."""
-    unseen = 0
-    deleted = []
-    for info in infos:
-        if "\\Seen" not in info.flags:
-            unseen += 1
-        if "\\Deleted" in info.flags:
-            deleted.append(info.uid)
-    return unseen, deleted
+    listed = infos if isinstance(infos, Sequence) else list(infos)
+    counts = Counter(map(_flags_attr, listed))  # counted in C: a folder has a handful of flag sets
+    unseen = sum(n for flags, n in counts.items() if "\\Seen" not in flags)
+    doomed = {flags for flags in counts if "\\Deleted" in flags}
+    return unseen, [info.uid for info in listed if info.flags in doomed] if doomed else []
+
+
+_flags_attr = attrgetter("flags")
 
 
 @dataclass(frozen=True)
@@ -528,12 +536,19 @@ class CacheState:
     lines after ``absorbed`` and needs no per-message check against the log.
 
     ``cur`` is the `directory_stamp` of ``cur/`` when its listing last matched the rows' file
-    names exactly ((0, 0): no such promise); while it is unchanged, opening needs no listing."""
+    names exactly ((0, 0): no such promise); while it is unchanged, opening needs no listing.
+    ``generation`` changes with every write to the cache (`IndexCache`), so a snapshot written
+    from the same content can tell that it is still current."""
 
     uidvalidity: int = 0
     inode: int = 0
     absorbed: int = 0
     cur: tuple[int, int] = (0, 0)
+    generation: int = 0
+
+    def snapshot_key(self) -> tuple[int, ...]:
+        """What a snapshot of this content records and must find again (`encode_snapshot`)."""
+        return (self.uidvalidity, self.inode, self.absorbed, *self.cur, self.generation)
 
 
 class IndexCache:
@@ -546,6 +561,9 @@ class IndexCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The generation this connection's own writes led to; None once another connection
+        # wrote in between (or before `state` was read): its view is then not the file's.
+        self.generation: int | None = None
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
@@ -580,11 +598,9 @@ class IndexCache:
         return db
 
     def _remove_files(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(f"{self.path}{suffix}")
-            except FileNotFoundError:
-                pass
+        for path in (f"{self.path}{suffix}" for suffix in ("", "-wal", "-shm")):
+            _unlink(Path(path))
+        _unlink(self.path.with_name(SNAPSHOT))  # it describes the cache that just went
 
     def _reopen(self, error: sqlite3.Error) -> None:
         log.warn("index cache {path} unreadable, rebuilding: {error}", path=self.path, error=error)
@@ -600,7 +616,20 @@ class IndexCache:
             return CacheState()
         get = values.get
         cur = (get("cur_mtime", 0), get("cur_inode", 0))
-        return CacheState(get("uidvalidity", 0), get("inode", 0), get("absorbed", 0), cur)
+        self.generation = get("generation", 0)
+        return CacheState(get("uidvalidity", 0), get("inode", 0), get("absorbed", 0), cur, self.generation)
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        """Inside a write transaction: the next generation.  A fresh cache starts at a random
+        one, so a snapshot left from a cache that was deleted and rebuilt cannot match by chance."""
+        found = db.execute(
+            "UPDATE info SET value = value + 1 WHERE key = 'generation' RETURNING value"
+        ).fetchone()
+        if found is None:
+            found = (secrets.randbits(62),)
+            db.execute("INSERT INTO info VALUES ('generation', ?)", found)
+        expected = self.generation
+        self.generation = found[0] if expected is not None and found[0] == expected + 1 else None
 
     def rows(self) -> list[Row] | None:
         """Every cached row in UID order (None, and a fresh cache, if it cannot be read)."""
@@ -622,8 +651,9 @@ class IndexCache:
         with _Transaction(self._db) as db:
             db.execute("DELETE FROM messages")
             db.execute("DELETE FROM state")
-            db.execute("DELETE FROM info")
+            db.execute("DELETE FROM info WHERE key != 'generation'")
             db.execute("INSERT INTO info VALUES ('uidvalidity', ?)", (uidvalidity,))
+            self._bump(db)
 
     def insert(
         self,
@@ -649,17 +679,20 @@ class IndexCache:
             if cur is not None:
                 pairs = zip(("cur_mtime", "cur_inode"), cur, strict=True)
                 db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", pairs)
+            self._bump(db)
 
     def update(self, changes: Iterable[tuple[str, str, int]]) -> None:
         """(file name, keywords, uid) per changed message."""
         with _Transaction(self._db) as db:
             db.executemany("UPDATE state SET name = ?, keywords = ? WHERE uid = ?", changes)
+            self._bump(db)
 
     def delete(self, uids: Iterable[int]) -> None:
         with _Transaction(self._db) as db:
             rows = [(uid,) for uid in uids]
             db.executemany("DELETE FROM messages WHERE uid = ?", rows)
             db.executemany("DELETE FROM state WHERE uid = ?", rows)
+            self._bump(db)
 
     def close(self) -> None:
         self._db.close()
@@ -718,20 +751,100 @@ class _Transaction:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
+_INFO_SLOTS = [MessageInfo.__dict__[name] for name in MessageInfo.__slots__]
+_META_SLOTS = [LazyMeta.__dict__[name] for name in LazyMeta.__slots__]
+
+
+def _build_infos(
+    uids: Iterable[int],
+    sizes: Iterable[int],
+    dates: Iterable[float],
+    flags: Iterable[frozenset[str]],
+    headers: Iterable[bytes],
+    metas: Sequence[str],
+) -> list[MessageInfo]:
+    """`MessageInfo`s (with `LazyMeta`s) from columns, made column by column with C-level calls
+    only (``object.__new__`` and the slots' own setters, which a frozen class's ``__setattr__``
+    does not see): no Python frame per message, which is most of a cold SELECT's object cost."""
+    count = len(metas)
+    lazy = list(map(object.__new__, itertools.repeat(LazyMeta, count)))
+    nothing = itertools.repeat(None)
+    meta_columns: tuple[Iterable[object], ...] = (metas, nothing, nothing)
+    for slot, column in zip(_META_SLOTS, meta_columns, strict=True):
+        deque(map(slot.__set__, lazy, column), maxlen=0)
+    infos = list(map(object.__new__, itertools.repeat(MessageInfo, count)))
+    info_columns: tuple[Iterable[object], ...] = (uids, sizes, dates, flags, headers, lazy)
+    for slot, column in zip(_INFO_SLOTS, info_columns, strict=True):
+        deque(map(slot.__set__, infos, column), maxlen=0)
+    return infos
+
+
 def _as_cached(rows: list[Row]) -> tuple[list[MessageInfo], dict[int, str]]:
     """The infos (UID order) and file names of cached rows taken as they are: a cold SELECT of
-    a folder whose ``cur/`` has not changed is this loop, once per message."""
-    flags_of = _flags_of
-    make = _fast_info
-    infos: list[MessageInfo] = []
-    append = infos.append
-    for uid, name, size, date, keywords, headers, meta in rows:
-        _, sep, letters = name.rpartition(INFO)
-        flags = flags_of.get((letters if sep else "", keywords))
-        if flags is None:
-            flags = message_flags(name, keywords)
-        append(make(uid, size, date, flags, headers, LazyMeta(meta)))
-    return infos, {row[0]: row[1] for row in rows}
+    a folder whose ``cur/`` has not changed (and has no current snapshot) comes down to this."""
+    if not rows:
+        return [], {}
+    uids, names, sizes, dates, keywords, headers, metas = zip(*rows, strict=True)
+    flags = list(map(message_flags, names, keywords))
+    return _build_infos(uids, sizes, dates, flags, headers, metas), dict(zip(uids, names, strict=True))
+
+
+# The snapshot (``kms-snapshot``): one folder's rows as columns, for a cold load in a few C-level
+# calls instead of a row tuple per message from SQLite.  A header (magic, format, the Python
+# minor version whose `marshal` wrote it, the `CacheState.snapshot_key` of the content, the
+# count, a CRC-32 of the rest), then one `marshal`ed tuple: UIDs, sizes, dates and flag-set
+# numbers as machine arrays, the flag sets, the file names joined by newlines, the header
+# sections and the `meta_text`s.  It is only ever a faster copy of the cache: any doubt means
+# the rows.
+_SNAPSHOT_MAGIC = b"kms-snap"
+_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_HEAD = struct.Struct("<8sHH6QQI")
+
+
+def encode_snapshot(key: Sequence[int], infos: Sequence[MessageInfo], names: Mapping[int, str]) -> bytes:
+    """The snapshot of ``infos`` (UID order) and their file names, for cache content ``key``."""
+    sets: dict[frozenset[str], int] = {}
+    numbers = array("I", [sets.setdefault(info.flags, len(sets)) for info in infos])
+    columns = (
+        array("Q", [info.uid for info in infos]).tobytes(),
+        array("Q", [info.size for info in infos]).tobytes(),
+        array("d", [info.internal_date for info in infos]).tobytes(),
+        numbers.tobytes(),
+        [sorted(flags) for flags in sets],
+        "\n".join([names[info.uid] for info in infos]),
+        [info.headers for info in infos],
+        [meta_text(info.meta) for info in infos],
+    )
+    payload = marshal.dumps(columns, 4)
+    head = _SNAPSHOT_HEAD.pack(
+        _SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, sys.version_info.minor, *key, len(infos), zlib.crc32(payload)
+    )
+    return head + payload
+
+
+def decode_snapshot(data: bytes, key: Sequence[int]) -> tuple[list[MessageInfo], dict[int, str]] | None:
+    """The infos and file names of a snapshot written for cache content ``key``; None when it is
+    for other content, another format or Python, or damaged in any way."""
+    if len(data) < _SNAPSHOT_HEAD.size:
+        return None
+    magic, version, minor, *found, count, crc = _SNAPSHOT_HEAD.unpack_from(data)
+    if (magic, version, minor) != (_SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, sys.version_info.minor):
+        return None
+    payload = memoryview(data)[_SNAPSHOT_HEAD.size :]
+    if found != list(key) or zlib.crc32(payload) != crc:
+        return None
+    try:
+        uid_bytes, size_bytes, date_bytes, number_bytes, sets, joined, headers, metas = marshal.loads(payload)
+        uids, sizes, numbers = array("Q", uid_bytes), array("Q", size_bytes), array("I", number_bytes)
+        dates = array("d", date_bytes)
+        flag_sets = [_interned(frozenset(flags)) for flags in sets]
+        names = joined.split("\n") if count else []
+        if not all(len(c) == count for c in (uids, sizes, dates, numbers, names, headers, metas)):
+            return None
+        flags = list(map(flag_sets.__getitem__, numbers))
+    except (ValueError, EOFError, TypeError, IndexError, AttributeError):
+        return None  # cannot happen past the CRC unless written by something else: the rows then
+    return _build_infos(uids, sizes, dates, flags, headers, metas), dict(zip(uids, names, strict=True))
 
 
 class FolderFiles:
@@ -751,6 +864,7 @@ class FolderFiles:
         self._uidlist_fd = -1
         self._uidlist_inode = 0
         self._uidlist_size = 0
+        self._snapshot_key: tuple[int, ...] = ()  # of the SNAPSHOT on disk, when this load read it
         self.uidvalidity = 0
         self.uidnext = 1
 
@@ -759,16 +873,16 @@ class FolderFiles:
     def load(self) -> Loaded:
         """`_load` with the cyclic garbage collector paused (`_GcPaused`)."""
         with _gc_paused:
-            return self._load()
+            return self._load(snapshot=True)
 
-    def _load(self) -> Loaded:
+    def _load(self, snapshot: bool) -> Loaded:
         """Open the folder: the cache checked against one listdir of cur/ and new/, files it does
         not know analysed, new/ files moved to cur/, new UIDs given in delivery order.
 
         Opening with an intact cache reads no message file and parses only the uidlist lines the
         cache has not absorbed; without one, every file is read once and UIDs come from the log.
         A file whose log line is absorbed but which has no row (it vanished and came back) gets
-        a new UID.
+        a new UID.  With ``snapshot``, a current `SNAPSHOT` stands in for the rows.
         """
         if not self.path.is_dir():
             raise MailboxError("no such mailbox", "NONEXISTENT")
@@ -777,7 +891,9 @@ class FolderFiles:
         self._cache = cache = IndexCache(self.path / CACHE)
         self._cache_ok = True
         state = cache.state()
-        rows = cache.rows() if state.uidvalidity else []
+        stamp = directory_stamp(os.stat(self.path / "cur"), time.time_ns())
+        cached = self._read_snapshot(state, stamp) if snapshot and state.uidvalidity else None
+        rows = [] if cached is not None or not state.uidvalidity else cache.rows()
         if rows is None:  # unreadable: nothing absorbed, every UID must come from the log
             state, rows = CacheState(), []
         uidlist, trusted = self._read_uidlist(state)
@@ -789,16 +905,20 @@ class FolderFiles:
             rows = []
 
         uids = uidlist.uids
-        stamp = directory_stamp(os.stat(self.path / "cur"), time.time_ns())
         new = [n for n in os.listdir(self.path / "new") if acceptable_name(n)]
         # cur/ unchanged since its listing matched the rows (and no log line unabsorbed): the rows
         # are its files, and the listing can be skipped.
         shortcut = trusted and not uids and stamp != (0, 0) and stamp == state.cur
+        if cached is not None and not shortcut:  # the uidlist moved meanwhile: start again, on rows
+            self.close()
+            return self._load(snapshot=False)
         unknown: dict[str, str] = {}
         if shortcut:
-            infos, names = _as_cached(rows)
+            infos, names = cached if cached is not None else _as_cached(rows)
+            self._snapshot_key = state.snapshot_key() if cached is not None else ()
             listed = list(names.values())
         else:
+            self._snapshot_key = ()
             listed = [n for n in os.listdir(self.path / "cur") if acceptable_name(n)]
             infos, names, unknown = self._reconcile(rows, uids, trusted, listed)
         taken = {split_name(n)[0] for n in listed} if new else set()
@@ -810,8 +930,8 @@ class FolderFiles:
         record = None if shortcut else stamp if len(infos) == len(listed) and not new else (0, 0)
         if uidlist.lines - len(infos) > max(_COMPACT_AFTER, len(infos)):
             self._rewrite_uidlist(self.uidvalidity, self.uidnext, [(i.uid, names[i.uid]) for i in infos])
-        if self._cache_ok:
-            mark = (self._uidlist_inode, self._uidlist_size)
+        mark = (self._uidlist_inode, self._uidlist_size)
+        if self._cache_ok and (not shortcut or mark != (state.inode, state.absorbed)):
             self._cache_do(lambda: cache.insert([], mark=mark, cur=record))
         recent = [e.info.uid for e in fresh]
         return Loaded(self.uidvalidity, self.uidnext, infos, names, recent, *flag_tally(infos))
@@ -873,6 +993,46 @@ class FolderFiles:
                 names[entry.info.uid] = entry.name
             infos.sort(key=uid_of)
         return infos, names, {b: n for b, n in cur.items() if b not in uids}
+
+    def _read_snapshot(
+        self, state: CacheState, stamp: tuple[int, int]
+    ) -> tuple[list[MessageInfo], dict[int, str]] | None:
+        """The folder from its snapshot, if one was written from exactly the cache's content
+        (`CacheState.snapshot_key`), ``cur/`` is as that content's listing left it and the
+        uidlist holds no line the cache has not absorbed; else None (the rows then)."""
+        if stamp == (0, 0) or stamp != state.cur:
+            return None
+        try:
+            log_file = os.stat(self.path / UIDLIST)
+            if (log_file.st_ino, log_file.st_size) != (state.inode, state.absorbed):
+                return None
+            data = read_large_file(os.path.join(self.path, SNAPSHOT))
+        except FileNotFoundError:
+            return None
+        return decode_snapshot(data, state.snapshot_key())
+
+    def retire(self, infos: Sequence[MessageInfo], names: Mapping[int, str]) -> None:
+        """Close, first leaving a `SNAPSHOT` of the folder as the reactor holds it (``infos`` in
+        UID order, their file names) for the next cold load, when it is worth one: the cache
+        must vouch for exactly this content (every write of ours succeeded, none by anyone else
+        since, ``cur/`` listed) and the snapshot on disk must not be current already."""
+        try:
+            cache = self._cache
+            if cache is not None and self._cache_ok and infos:
+                ours = cache.generation
+                state = cache.state()
+                key = state.snapshot_key()
+                if ours == state.generation and state.cur != (0, 0) and key != self._snapshot_key:
+                    self._write_snapshot(encode_snapshot(key, infos, names))
+                    self._snapshot_key = key
+        except (OSError, sqlite3.Error) as e:  # a cache: the next load reads the rows instead
+            log.warn("snapshot of {path} not written: {error}", path=self.path, error=e)
+        finally:
+            self.close()
+
+    def _write_snapshot(self, data: bytes) -> None:
+        """Replace the snapshot atomically: a crash leaves the old one or the new one, whole."""
+        replace_file(self.path / SNAPSHOT, data, 0o600, tmp=self.path / (SNAPSHOT + ".tmp"))
 
     def counts(self) -> Counts | None:
         """STATUS of a folder nobody has open, without reading its messages or the cache's rows:
@@ -1154,15 +1314,7 @@ class FolderFiles:
         data = uidlist_header(uidvalidity, uidnext) + uidlist_lines(
             (uid, split_name(n)[0]) for uid, n in lines
         )
-        tmp = self.path / (UIDLIST + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path / UIDLIST)
-        fsync_dir(self.path)
+        replace_file(self.path / UIDLIST, data, 0o600, tmp=self.path / (UIDLIST + ".tmp"), sync_dir=True)
         if self._uidlist_fd >= 0:
             os.close(self._uidlist_fd)
         self._uidlist_fd = os.open(self.path / UIDLIST, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
@@ -1221,6 +1373,18 @@ def read_file(path: str) -> bytes:
     finally:
         os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_large_file(path: str) -> bytes:
+    """A whole large file (a snapshot: megabytes) in one read of its size: no chunks to join."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+        while parts[-1]:  # it grew meanwhile (or a short read): the rest
+            parts.append(os.read(fd, 1 << 20))
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 2 else b"".join(parts)
 
 
 def _copy_file(source: Path, target: Path, tmp: Path) -> None:

@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from kms.fsutil import fsync_dir
+from kms.fsutil import fsync_dir, replace_file
 from kms.positions import delete_positions
 from kms.store.index import (
     Counts,
@@ -242,7 +242,7 @@ class MailStore:
         folders = list(self._folders.values())
         self._folders.clear()
         self._idle.clear()
-        closing = [f.lock.run(self.run, f.files.close) for f in folders]
+        closing = [f.lock.run(self._retire, f) for f in folders]
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     # -- folders (reactor side)
@@ -297,7 +297,11 @@ class MailStore:
         self._idle.pop(folder.path, None)
         if self._folders.get(folder.path) is folder:
             del self._folders[folder.path]
-        self.run(folder.files.close).addErrback(lambda f: log.failure("closing {path}", f, path=folder.path))
+        self._retire(folder).addErrback(lambda f: log.failure("closing {path}", f, path=folder.path))
+
+    def _retire(self, folder: _Folder) -> Deferred[None]:
+        """Close a folder's files in the pool, leaving a snapshot of it for the next cold load."""
+        return self.run(folder.files.retire, *folder.state())
 
     def moved(self, folder: _Folder, old: Path) -> None:
         """Re-key a folder whose directory was renamed (under its lock)."""
@@ -331,6 +335,13 @@ class _Folder:
     @property
     def path(self) -> Path:
         return self.files.path
+
+    def state(self) -> tuple[list[MessageInfo], dict[int, str]]:
+        """Copies of the messages and their names, for a snapshot written in the pool as the folder
+        leaves memory (`FolderFiles.retire`); nothing for a folder deleted or never loaded."""
+        if self.deleted or not self.loaded:
+            return [], {}
+        return list(self.messages), dict(self.names)
 
     # The methods below run with the folder's lock held.
 
@@ -972,13 +983,7 @@ def _read_subscriptions(root: Path) -> list[str]:
 
 def _write_subscriptions(root: Path, names: Iterable[str]) -> None:
     data = "".join(f"{n}\n" for n in dict.fromkeys(names)).encode("utf-8")
-    tmp = root / (SUBSCRIPTIONS + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, root / SUBSCRIPTIONS)
-    fsync_dir(root)
+    replace_file(root / SUBSCRIPTIONS, data, 0o600, sync_dir=True)
 
 
 def _subscribe(root: Path, name: str, subscribed: bool) -> None:
