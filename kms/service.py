@@ -301,7 +301,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             excepted=exception_group.contains,
             default_domain=default_domain,
         )
-        lockout = Lockout(lockout_db, lockout_settings, auth_pool, reactor, reactor)
+        lockout = Lockout(lockout_db, lockout_settings, auth_pool, reactor, reactor, logs=logs)
 
     master: Master | None = None
     if cfg.master.enabled:

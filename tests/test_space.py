@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from kms.store.space import (
     SOFT,
     Mount,
     SpaceWatch,
+    Throttle,
     Usage,
     crossing,
     crossing_message,
@@ -31,9 +33,12 @@ from kms.store.space import (
     find_mount,
     format_size,
     limit_message,
+    next_state,
     out_of_space,
     parse_mountinfo,
+    recovery_margin,
     space_state,
+    sqlite_out_of_space,
     start_problem,
     tree_size,
 )
@@ -80,6 +85,59 @@ class DecisionTests(TestCase):
         for (before, after), expected in table.items():
             self.assertEqual(crossing(before, after), expected, (before, after))
 
+    def test_recovery_margin(self) -> None:
+        """1% of the limit, never less than 1 MB."""
+        cases = [(0, MB), (20_000, MB), (100 * MB, MB), (101 * MB, 1_010_000), (10**9, 10 * MB)]
+        for limit, margin in cases:
+            self.assertEqual(recovery_margin(limit), margin, limit)
+
+    def test_next_state_hysteresis(self) -> None:
+        """Worse at once; better only at limit + margin (soft 10 MB + 1 MB, hard 2 MB + 1 MB)."""
+        soft, hard = 10 * MB, 2 * MB
+        table = [
+            (None, 2 * MB, SOFT),  # the first check: no history, plain limits
+            (None, 10 * MB, OK),
+            (OK, 10 * MB - 1, SOFT),  # down: at once
+            (OK, 2 * MB - 1, HARD),
+            (SOFT, 2 * MB - 1, HARD),
+            (HARD, 2 * MB, HARD),  # back over the hard limit, not over its margin
+            (HARD, 3 * MB - 1, HARD),
+            (HARD, 3 * MB, SOFT),
+            (HARD, 11 * MB - 1, SOFT),  # over the soft limit, not its margin: only as far as soft
+            (HARD, 11 * MB, OK),
+            (SOFT, 10 * MB, SOFT),
+            (SOFT, 11 * MB - 1, SOFT),
+            (SOFT, 11 * MB, OK),
+            (SOFT, 5 * MB, SOFT),
+            (OK, 10 * MB, OK),
+        ]
+        for before, free, expected in table:
+            self.assertEqual(next_state(before, free, soft, hard), expected, (before, free))
+
+    def test_next_state_close_limits(self) -> None:
+        """Limits closer than the margin: a state is never left for a worse one on the way up,
+        and equal limits (no soft state) go from hard to ok past the one margin."""
+        self.assertEqual(next_state(SOFT, 2_600_000, 2_500_000, 2 * MB), SOFT)
+        self.assertEqual(next_state(HARD, 5_500_000, 5 * MB, 5 * MB), HARD)
+        self.assertEqual(next_state(HARD, 6 * MB, 5 * MB, 5 * MB), OK)
+
+    def test_throttle(self) -> None:
+        """The first occurrence is reported, then one per interval with the count left out meanwhile."""
+        clock = Clock()
+        throttle = Throttle(clock, 300)
+        self.assertEqual(throttle.due(), 0)
+        seen = []
+        for _ in range(5):
+            clock.advance(50)
+            seen.append(throttle.due())
+        self.assertEqual(seen, [None] * 5)
+        clock.advance(50)  # 300 s after the first report
+        self.assertEqual(throttle.due(), 5)
+        clock.advance(299)
+        self.assertIsNone(throttle.due())
+        clock.advance(1)
+        self.assertEqual(throttle.due(), 1)
+
     def test_format_size(self) -> None:
         cases = [
             (0, "0 B"),
@@ -118,6 +176,21 @@ class DecisionTests(TestCase):
         self.assertTrue(out_of_space(OSError(errno.EDQUOT, "quota")))
         self.assertFalse(out_of_space(OSError(errno.EIO, "io")))
         self.assertFalse(out_of_space(ValueError("no")))
+
+    def test_sqlite_out_of_space(self) -> None:
+        """SQLITE_FULL and SQLITE_IOERR (with extended codes) count; a locked or corrupt file does not."""
+        def error(code: int) -> sqlite3.Error:
+            e = sqlite3.OperationalError("x")
+            e.sqlite_errorcode = code  # type: ignore[attr-defined]
+            return e
+
+        self.assertTrue(sqlite_out_of_space(error(sqlite3.SQLITE_FULL)))
+        self.assertTrue(sqlite_out_of_space(error(sqlite3.SQLITE_IOERR_SHMSIZE)))
+        self.assertTrue(sqlite_out_of_space(OSError(errno.ENOSPC, "full")))
+        self.assertFalse(sqlite_out_of_space(error(sqlite3.SQLITE_BUSY)))
+        self.assertFalse(sqlite_out_of_space(error(sqlite3.SQLITE_CORRUPT)))
+        self.assertFalse(sqlite_out_of_space(sqlite3.OperationalError("no code")))
+        self.assertFalse(sqlite_out_of_space(ValueError("no")))
 
 
 MOUNTINFO = (
@@ -285,6 +358,21 @@ class WatchTests(TestCase):
         self.assertEqual(self.stops, 0)
 
     @inlineCallbacks
+    def test_hovering_at_a_limit_logs_once(self):  # type: ignore[no-untyped-def]
+        """Free space going up and down around the hard limit (2 MB) by less than the margin: one
+        store-full line, mail refused until 3 MB are free; then one store-space-recovered."""
+        watch = self.watch()
+        for free in (5 * MB, 1_900_000, 2_100_000, 1_950_000, 2_900_000, 1_990_000, 2_999_999):
+            self.disk.free = free
+            self.assertEqual((yield watch.check_now()), HARD if free < 5 * MB else SOFT, free)
+            self.assertEqual(watch.refusing, free < 5 * MB)
+        self.disk.free = 3 * MB
+        self.assertEqual((yield watch.check_now()), SOFT)
+        self.assertFalse(watch.refusing)
+        events = [line.split()[4] for line in self.error_lines()]
+        self.assertEqual(events, ["store-space-low", "store-full", "store-space-recovered"])
+
+    @inlineCallbacks
     def test_room(self):  # type: ignore[no-untyped-def]
         """room() passes in the soft state and fails with ENOSPC in the hard one, after a fresh check."""
         watch = self.watch()
@@ -361,6 +449,7 @@ class WatchTests(TestCase):
         watch = self.watch()
         self.disk.free = 5 * MB
         yield watch.check_now()
+        self.disk.entered.clear()
         self.disk.gate = threading.Event()
         self.addCleanup(self.disk.gate.set)
         self.disk.free = 1 * MB  # what the hung call will eventually report
@@ -372,6 +461,7 @@ class WatchTests(TestCase):
         self.assertEqual((yield watch.check_now()), SOFT)
         hung = [line for line in self.error_lines() if "store-space-check-hung" in line]
         self.assertEqual(len(hung), 1)
+        self.assertTrue(self.disk.entered.wait(10))  # the thread may pick the call up only now
         self.assertEqual(self.disk.calls, 2)
         self.disk.gate.set()
         for _ in range(1000):  # the late answer arrives through the reactor
@@ -401,10 +491,12 @@ class WatchTests(TestCase):
         self.disk.free = 5 * MB
         yield watch.check_now()
         self.assertEqual(self.stops, 0)
+        self.assertFalse(watch.stopped_server)
         self.disk.free = 1 * MB
         yield watch.check_now()
         yield watch.check_now()
         self.assertEqual(self.stops, 1)
+        self.assertTrue(watch.stopped_server)  # twistd's exit status
         [full] = [line for line in self.error_lines() if "store-full" in line]
         self.assertIn('hard_limit_action = \\"stop\\": kms stops', full)
 

@@ -14,7 +14,8 @@ Lockout is not meant to be turned against the owner of an account:
   in the database) of the last wrong passwords per (account, IP) is kept, never the password;
 * a success resets that IP's count; failures older than ``unlock_after`` are forgotten.
 
-Temporary failures never reach this module (the login session does not count them).
+Temporary failures never reach this module (the login session does not count them).  A full
+disk does not stop logins: what cannot be written is left out, and said in error.log now and then.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kms.logs import Logs
+from kms.store.space import Throttle, sqlite_out_of_space
+
 KNOWN_IP_PERIOD = 30 * 24 * 3600.0
+UNSAVED_REPORT_INTERVAL = 300.0  # a full disk fails every login's record: one error.log line per 5 min
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE failures (
@@ -147,10 +153,11 @@ class LockoutDB:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -258,16 +265,29 @@ def account_name(username: str, default_domain: str) -> str:
 
 
 class Lockout:
-    """The server's lockout: `LockoutDB` calls in the auth pool, time from ``clock``."""
+    """The server's lockout: `LockoutDB` calls in the auth pool, time from ``clock``.
+
+    With ``logs``, a record that a full disk keeps from being written does not fail the login:
+    it is left out (a failure then goes uncounted, an ended lock stays until it can be removed,
+    which refuses no one) and error.log gets one ``lockout-not-saved`` line per 5 minutes.
+    """
 
     def __init__(
-        self, db: LockoutDB, settings: LockoutSettings, pool: ThreadPool, reactor: Any, clock: IReactorTime
+        self,
+        db: LockoutDB,
+        settings: LockoutSettings,
+        pool: ThreadPool,
+        reactor: Any,
+        clock: IReactorTime,
+        logs: Logs | None = None,
     ) -> None:
         self._db = db
         self._settings = settings
         self._pool = pool
         self._reactor = reactor
         self._clock = clock
+        self._logs = logs
+        self._unsaved = Throttle(clock, UNSAVED_REPORT_INTERVAL)
 
     def account(self, username: str) -> str:
         return account_name(username, self._settings.default_domain)
@@ -280,22 +300,49 @@ class Lockout:
         now = self._clock.seconds()
         settings = self._settings
 
-        def decide() -> tuple[bool, list[Lock]]:
-            expired = self._db.expire(now)
+        def decide() -> tuple[bool, list[Lock], Exception | None]:
+            unsaved = None
+            try:
+                expired = self._db.expire(now)
+            except sqlite3.Error as e:  # ended locks are ignored by `refuses` all the same
+                if self._logs is None or not sqlite_out_of_space(e):
+                    raise
+                expired, unsaved = [], e
             locks = self._db.locks(account)
             if not locks:
-                return False, expired
+                return False, expired, unsaved
             known = settings.exempt_known_ips and self._db.known(account, ip, now)
             refused = refuses(locks, ip, now, known, settings.excepted(ip), settings.exempt_known_ips)
+            return refused, expired, unsaved
+
+        def decided(result: tuple[bool, list[Lock], Exception | None]) -> tuple[bool, list[Lock]]:
+            refused, expired, unsaved = result
+            if unsaved is not None:
+                self._not_saved(Failure(unsaved), "expired locks")
             return refused, expired
 
-        return self._run(decide)
+        return self._run(decide).addCallback(decided)
 
     def failed(self, account: str, ip: str, password: str | None) -> Deferred[Lock | None]:
         s = self._settings
-        return self._run(
-            self._db.fail, account, ip, password, self._clock.seconds(), s.unlock_after, s.attempts
-        )
+        d = self._run(self._db.fail, account, ip, password, self._clock.seconds(), s.unlock_after, s.attempts)
+        return d.addErrback(self._not_saved, "failed login")
 
     def succeeded(self, account: str, ip: str) -> Deferred[None]:
-        return self._run(self._db.succeed, account, ip, self._clock.seconds())
+        d = self._run(self._db.succeed, account, ip, self._clock.seconds())
+        return d.addErrback(self._not_saved, "successful login")
+
+    def _not_saved(self, failure: Failure, record: str) -> None:
+        """A full disk: go on without the record, in one error.log line (no traceback) per interval."""
+        if self._logs is None or failure.value is None or not sqlite_out_of_space(failure.value):
+            failure.raiseException()
+        held = self._unsaved.due()
+        if held is not None:
+            self._logs.error(
+                "lockout-not-saved",
+                level="error",
+                record=record,
+                error=failure.getErrorMessage(),
+                left_out=held,
+                detail=f"{self._db.path}: the disk is full; logins go on, lockout records are left out",
+            )

@@ -1388,18 +1388,23 @@ def read_large_file(path: str) -> bytes:
 
 
 def _copy_file(source: Path, target: Path, tmp: Path) -> None:
-    """A durable copy through ``tmp`` keeping the mtime (the internal date)."""
+    """A durable copy through ``tmp`` keeping the mtime (the internal date); on any failure (a
+    full disk) ``tmp`` is removed, so nothing half-written stays behind."""
     with open(source, "rb") as f:
         data = f.read()
         mtime = os.fstat(f.fileno()).st_mtime
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        write_all(fd, data)
-        os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, target)
+        try:
+            write_all(fd, data)
+            os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path: Path) -> None:

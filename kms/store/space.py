@@ -1,11 +1,12 @@
 """Free space of the store's file system: the soft and hard limits of SPEC §8.
 
-The decisions are pure (`space_state`, `crossing`, the messages); the I/O is `disk_usage` (one
-statvfs), `filesystem_of` and `tree_size` (for ``kmsctl store status``); `SpaceWatch` is the
-service that checks every few seconds and before each message.  Its statvfs runs on a daemon
-thread of its own: a hung network file system then holds that thread, never the reactor, and
-never shutdown (a thread pool joins its threads when it stops).  The thread lives as long as
-the service: one started per check would cost four times the CPU of the hop.
+The decisions are pure (`space_state`, `next_state`, `crossing`, the messages); the I/O is
+`disk_usage` (one statvfs), `filesystem_of` and `tree_size` (for ``kmsctl store status``);
+`SpaceWatch` is the service that checks every few seconds and before each message.  Its statvfs
+runs on a daemon thread of its own: a hung network file system then holds that thread, never the
+reactor, and never shutdown (a thread pool joins its threads when it stops).  The thread lives as
+long as the service: one started per check would cost four times the CPU of the hop.  `Throttle`
+keeps an error that a full disk makes repeat (every login's lockout record) to a line now and then.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,26 @@ def space_state(free: int, soft: int, hard: int) -> str:
     return OK
 
 
+_RANK = {OK: 0, SOFT: 1, HARD: 2}
+MIN_MARGIN = 1_000_000  # 1 MB: below this the way back up would follow every file written and removed
+
+
+def recovery_margin(limit: int) -> int:
+    """How far above ``limit`` free space must climb before the state below it ends: 1% of the
+    limit, at least 1 MB.  Without it, free space hovering at a limit logs every crossing."""
+    return max(limit // 100, MIN_MARGIN)
+
+
+def next_state(before: str | None, free: int, soft: int, hard: int) -> str:
+    """The state after a check that found ``free`` bytes, with hysteresis: a worse state is
+    entered at once, a better one only at ``limit + recovery_margin(limit)`` or more."""
+    now = space_state(free, soft, hard)
+    if before is None or _RANK[now] >= _RANK[before]:
+        return now
+    recovered = space_state(free, soft + recovery_margin(soft), hard + recovery_margin(hard))
+    return recovered if _RANK[recovered] < _RANK[before] else before
+
+
 def crossing(before: str | None, after: str) -> str | None:
     """The error-log event for a change of state (``before`` None: the first check), or None.
 
@@ -67,6 +89,16 @@ def crossing(before: str | None, after: str) -> str | None:
 def out_of_space(error: BaseException) -> bool:
     """A write failed because the file system (or the user's disk quota) is full."""
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def sqlite_out_of_space(error: BaseException) -> bool:
+    """An SQLite write failed for want of disk space: SQLITE_FULL, or the I/O error SQLite reports
+    when it cannot grow its WAL index (SQLITE_IOERR_SHMSIZE) on a full file system."""
+    if out_of_space(error):
+        return True
+    if not isinstance(error, sqlite3.Error):
+        return False
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
 def format_size(size: int) -> str:
@@ -221,6 +253,27 @@ def tree_size(path: Path) -> int | None:
     return total
 
 
+class Throttle:
+    """At most one report per ``interval`` seconds of something that repeats (a full disk fails
+    every login's bookkeeping), saying how often it happened meanwhile."""
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._last: float | None = None
+        self._held = 0
+
+    def due(self) -> int | None:
+        """Count one occurrence: None to keep quiet, else report it now, with this many earlier
+        ones that were left out since the last report."""
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last < self._interval:
+            self._held += 1
+            return None
+        self._last, held, self._held = now, self._held, 0
+        return held
+
+
 # --- the service --------------------------------------------------------------------------------
 
 
@@ -230,8 +283,10 @@ class SpaceWatch(Service):
     ``state`` is synchronous for the hot path (SMTP MAIL); `check_now` is the check before a
     message is accepted.  Concurrent callers share statvfs calls: at most one runs, and callers
     arriving meanwhile wait for the next one (the running one may have started before their event).
-    Crossings go to error.log once each.  At the hard limit with ``action = "stop"`` the server
-    stops (``stop``, the reactor's by default); with ``"refuse"`` it goes on and recovers by itself.
+    Crossings go to error.log once each; the way back up needs a margin (`next_state`).  At the
+    hard limit with ``action = "stop"`` the server stops (``stop``, the reactor's by default) and
+    ``stopped_server`` says so (twistd's exit status); with ``"refuse"`` it goes on and recovers
+    by itself.
     """
 
     def __init__(
@@ -269,7 +324,7 @@ class SpaceWatch(Service):
         self._hang: IDelayedCall | None = None
         self._hung = False
         self._failing = False
-        self._stopped = False
+        self.stopped_server = False  # stop mode stopped the server: twistd must exit non-zero
         self._loop: LoopingCall | None = None
         self._requests: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: probe; False: end
         self._thread: threading.Thread | None = None
@@ -376,7 +431,7 @@ class SpaceWatch(Service):
 
     def _update(self, usage: Usage) -> None:
         self.usage = usage
-        after = space_state(usage.free, self.soft, self.hard)
+        after = next_state(self._known, usage.free, self.soft, self.hard)
         event = crossing(self._known, after)
         self._known = after
         if event is not None:
@@ -389,8 +444,8 @@ class SpaceWatch(Service):
                 hard_limit=self.hard,
                 detail=crossing_message(event, self.path, usage.free, self.soft, self.hard, self.action),
             )
-        if after == HARD and self.action == "stop" and not self._stopped:
-            self._stopped = True
+        if after == HARD and self.action == "stop" and not self.stopped_server:
+            self.stopped_server = True
             try:
                 self._stop()
             except ReactorNotRunning:
