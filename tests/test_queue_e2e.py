@@ -193,6 +193,26 @@ class RelayTests(_QueueCase):
         self.assertIn("451 4.3.0 try again later", out.stdout)
 
     @inlineCallbacks
+    def test_kmsctl_flush_retries_at_once(self):  # type: ignore[no-untyped-def]
+        """A deferred message (next try in 5 minutes) goes out within seconds of `kmsctl queue flush`."""
+        busy = {"bob@elsewhere.test": b"451 4.3.0 try again later\r\n"}
+        mx1 = self.sink("127.0.0.2", rcpt_replies=dict(busy))
+        mx2 = self.sink("127.0.0.3", rcpt_replies=dict(busy))
+        yield self.send(["bob@elsewhere.test"], b"Subject: flush me\r\n\r\nbody\r\n")
+        for _ in range(400):  # both hosts tried once, the entry saved for later
+            sessions = mx1.sessions + mx2.sessions
+            if mx1.sessions and mx2.sessions and all(s.closed.called for s in sessions):
+                break
+            yield deferLater(reactor, 0.025, lambda: None)
+        mx1.config.rcpt_replies.clear()
+        command = [sys.executable, "-m", "kms.ctl", "--config", str(self.server.config.path), "queue", "flush"]
+        done = yield deferToThread(subprocess.run, command, capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        yield self.queue_empty()
+        self.assertEqual(len(mx1.sessions), 2)
+        self.assertEqual(len(mx1.sessions[1].messages), 1)
+
+    @inlineCallbacks
     def test_unauthenticated_outsiders_still_may_not_relay(self):  # type: ignore[no-untyped-def]
         def client() -> tuple[int, bytes]:
             with smtplib.SMTP("127.0.0.1", self.server.port("smtp"), source_address=("127.0.0.2", 0)) as s:

@@ -72,7 +72,7 @@ class RunnerSettings:
     max_per_domain: int = 4
     scan_interval: float = 300.0  # full scan for entries nobody scheduled (a restart, kmsctl)
     poll_interval: float = 2.0  # how often `kmsctl queue flush` is looked for
-    timeout: float = 300.0
+    timeout: float = 30.0  # TCP connect; each reply has its own RFC 5321 timeout in the client
 
 
 def destination(address: str) -> str:
@@ -172,6 +172,7 @@ class QueueRunner(Service):
 
     def _loop_died(self, failure: Failure) -> None:
         self.logs.error("queue-scan-failed", error=failure.getErrorMessage())
+        log.failure("queue scan", failure)
 
     # --- the SMTP side -----------------------------------------------------------------------------
 
@@ -187,13 +188,14 @@ class QueueRunner(Service):
 
     # --- scanning ----------------------------------------------------------------------------------
 
-    def _tick(self) -> Deferred[None]:
+    def _tick(self) -> Deferred[Any]:
         """Scan when `kmsctl queue flush` asked for it, or when the last full scan is old enough."""
         now = self.clock.seconds()
         if self._last_scan is None or now - self._last_scan >= self.settings.scan_interval:
             return self.scan()
-        d = deferToThreadPool(self.reactor, self.pool, self.store.take_flush_request)
-        return d.addCallback(lambda asked: self.scan() if asked else None)
+        d: Deferred[Any] = deferToThreadPool(self.reactor, self.pool, self.store.take_flush_request)
+        d.addCallback(lambda asked: self.scan() if asked else None)
+        return d.addErrback(self._loop_died)  # logged; the loop itself must go on
 
     def scan(self) -> Deferred[None]:
         """Start every due entry that is not already being handled (also after `kmsctl queue flush`)."""
