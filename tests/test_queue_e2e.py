@@ -205,7 +205,8 @@ class RelayTests(_QueueCase):
                 break
             yield deferLater(reactor, 0.025, lambda: None)
         mx1.config.rcpt_replies.clear()
-        command = [sys.executable, "-m", "kms.ctl", "--config", str(self.server.config.path), "queue", "flush"]
+        config = str(self.server.config.path)
+        command = [sys.executable, "-m", "kms.ctl", "--config", config, "queue", "flush"]
         done = yield deferToThread(subprocess.run, command, capture_output=True, text=True)
         self.assertEqual(done.returncode, 0, done.stderr)
         yield self.queue_empty()
