@@ -6,7 +6,14 @@ from twisted.trial.unittest import TestCase
 
 from kms.clientinfo import ClientInfo
 from kms.ipgroups import parse_group
-from kms.smtp.delivery import RelayRules, new_queue_id, received_header, recipient_decision, split_address
+from kms.smtp.delivery import (
+    RelayRules,
+    new_queue_id,
+    received_header,
+    recipient_decision,
+    split_address,
+    trace_hops,
+)
 from kms.smtp.interfaces import Envelope
 
 RULES = RelayRules(("example.test", "example.org"), parse_group(["192.168.0.0/16", "::1"]), True)
@@ -104,3 +111,11 @@ class QueueIdTests(TestCase):
         self.assertEqual(len(set(ids)), 5000)
         self.assertLess(new_queue_id(1000.0), new_queue_id(1001.0))
         self.assertTrue(all(i.isalnum() and i.isupper() for i in ids[:10]))
+
+
+class TraceHopsTests(TestCase):
+    def test_counts_received_in_the_header_section_only(self) -> None:
+        message = b"Received: a\n\tfolded\nRECEIVED: b\nSubject: x\nX-Received: no\n\nReceived: in the body\n"
+        self.assertEqual(trace_hops(message), 2)
+        self.assertEqual(trace_hops(b"Subject: none\n\nbody\n"), 0)
+        self.assertEqual(trace_hops(b"Received: cut short"), 1)

@@ -65,6 +65,25 @@ class SMTPEndToEndTests(_ServerCase):
     # --- plain delivery ----------------------------------------------------------------------
 
     @inlineCallbacks
+    def test_mail_loop_is_refused(self):  # type: ignore[no-untyped-def]
+        """50 Received headers: 554 5.4.6 at the end of DATA, nothing stored; 49 still pass."""
+
+        def client(hops: int) -> tuple[int, bytes]:
+            trace = b"".join(b"Received: from hop%d by hop%d\r\n" % (i, i + 1) for i in range(hops))
+            with self.smtp() as s:
+                s.ehlo()
+                s.mail("sender@remote.test")
+                s.rcpt("alice@example.test")
+                return s.data(trace + b"Subject: loop\r\n\r\nbody\r\n")
+
+        code, text = yield self.run_client(lambda: client(50))
+        self.assertEqual((code, text[:5]), (554, b"5.4.6"))
+        self.assertEqual(self.server.messages("alice@example.test"), [])
+        code, _ = yield self.run_client(lambda: client(49))
+        self.assertEqual(code, 250)
+        self.assertEqual(len(self.server.messages("alice@example.test")), 1)
+
+    @inlineCallbacks
     def test_plain_delivery(self):  # type: ignore[no-untyped-def]
         """A message from anyone to a local user is stored in new/ with our trace headers first."""
 

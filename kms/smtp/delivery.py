@@ -114,6 +114,20 @@ def received_header(
 # The route of a recipient that leaves through the outbound queue (never a mailbox address).
 REMOTE_ROUTE = "@remote"
 
+MAX_HOPS = 50  # Received headers a message may carry before we call it a loop (Postfix's default)
+_HEAD_LIMIT = 256 * 1024  # how much of a message is searched for its trace headers
+
+
+def trace_hops(message: bytes) -> int:
+    """The Received headers in the header section of a stored (LF) message: how many MTAs it crossed.
+
+    Only the header section counts (a forwarded message in the body does not); a header section
+    longer than what was read counts what was read.
+    """
+    end = message.find(b"\n\n")
+    head = message if end < 0 else message[: end + 1]
+    return sum(1 for line in head.split(b"\n") if line[:9].lower() == b"received:")
+
 
 def queue_entry(
     envelope: Envelope, queue_id: str, now: float, size: int, remote: bool = True
@@ -399,6 +413,7 @@ class LocalDelivery:
         trace = self._trace(envelope, queue_id, now)
         entry = queue_entry(envelope, queue_id, now, spool.size + len(trace))
         d: Deferred[Any] = maybeDeferred(self._route, envelope, targets)
+        d.addCallback(lambda _: self._loop_check(envelope, spool))
         d.addCallback(lambda _: self._room(spool))
         if entry is not None:
             d.addCallback(lambda _: self._enqueue(entry, spool, trace))
@@ -476,6 +491,25 @@ class LocalDelivery:
             self.logs.error("report-failed", envelope.client, id=queue_id, error=failure.getErrorMessage())
 
         self.deliver_report(entry.sender, data).addErrback(failed)
+
+    def _loop_check(self, envelope: Envelope, spool: Spool) -> Deferred[None] | None:
+        """554 5.4.6 for a message that has crossed `MAX_HOPS` MTAs: a mail loop (an MX pointing
+        back at us, two servers forwarding to each other) ends here instead of circling forever."""
+
+        def head() -> bytes:
+            with spool.open() as f:
+                return f.read(_HEAD_LIMIT)
+
+        def count(data: bytes) -> None:
+            hops = trace_hops(data)
+            if hops >= MAX_HOPS:
+                self.logs.mail("loop-refused", envelope.client, sender=envelope.sender, hops=hops)
+                raise Refusal(554, "5.4.6", f"Too many hops ({hops}): mail loop?")
+
+        if getattr(spool, "path", None) is None:  # still in memory: nothing to wait for
+            count(head())
+            return None
+        return deferToThreadPool(self.reactor, self.pool, head).addCallback(count)
 
     def _room(self, spool: Spool) -> Deferred[None] | None:
         """ENOSPC (answered 452 4.3.1) if space ran out while the message arrived: its spool hit a
