@@ -1,6 +1,17 @@
-"""Socket options every protocol front-end sets on its connections."""
+"""Socket options every protocol front-end sets on its connections, and address helpers."""
 
 from __future__ import annotations
+
+import ipaddress
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not a host name to look up)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def set_tcp_nodelay(transport: object) -> None:

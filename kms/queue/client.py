@@ -31,7 +31,6 @@ the end of the data applies to every accepted recipient.
 from __future__ import annotations
 
 import base64
-import ipaddress
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from kms.net import is_ip_address
 from kms.queue.interfaces import (
     AttemptResult,
     Hop,
@@ -132,14 +132,6 @@ def tls_name(name: str) -> str:
     return inner.rstrip(".")
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class _Unverified:
     """Opportunistic TLS: encrypted, certificate not checked, the host name sent as SNI."""
@@ -147,7 +139,7 @@ class _Unverified:
     def __init__(self, name: str) -> None:
         self._options = CertificateOptions()
         self._server_name: bytes | None = None
-        if name and not _is_ip(name):
+        if name and not is_ip_address(name):
             try:
                 self._server_name = name.encode("idna")
             except UnicodeError:

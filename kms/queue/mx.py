@@ -37,6 +37,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 
+from kms.net import is_ip_address
 from kms.queue.interfaces import DestinationError, Hop
 
 # Hops handed to the runner for one destination, and MX hosts whose addresses are looked up.
@@ -280,7 +281,7 @@ async def _smarthost(resolver: Any, spec: str) -> list[Hop]:
     try:
         host, port = parse_smarthost(spec)
         literal = address_literal(host)
-        if literal is None and _is_ip(host):
+        if literal is None and is_ip_address(host):
             literal = host
         name = "" if literal else ascii_domain(host)
     except ValueError as error:
@@ -292,14 +293,6 @@ async def _smarthost(resolver: Any, spec: str) -> list[Hop]:
     except _Unresolvable as problem:
         raise DestinationError(spec, f"4.4.3 smarthost {problem.reason}", permanent=False) from None
     return [Hop(host, address, port) for address in addresses[:MAX_HOPS]]
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def smarthost_hops(resolver: Any, spec: str, *, reactor: IReactorTime) -> Deferred[list[Hop]]:
