@@ -67,3 +67,19 @@ def replace_file(
     if sync_dir:
         fsync_dir(path.parent)
     return size
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty and 0600 if it does not exist (before SQLite makes it with the umask).
+
+    Only when it does not exist: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, so opening and closing an existing SQLite file beside live connections
+    (another thread's, another object's) silently drops their locks; another process's last
+    connection then checkpoints and removes the WAL under them, and they read a frozen snapshot
+    from then on (seen: kmsctl user and lockout changes never reaching a running server).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)

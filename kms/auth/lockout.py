@@ -37,6 +37,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kms.fsutil import create_private_file
 from kms.logs import Logs
 from kms.store.space import Throttle, sqlite_out_of_space
 
@@ -135,8 +136,7 @@ class LockoutDB:
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            create_private_file(self.path)
             connection = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )

@@ -10,7 +10,6 @@ password hashing in `add`/`set_password`): the server makes them from a thread p
 from __future__ import annotations
 
 import hmac
-import os
 import sqlite3
 import threading
 import time
@@ -30,6 +29,7 @@ from kms.auth.passwords import (
     scram_keys_from_salted,
     verify_password,
 )
+from kms.fsutil import create_private_file
 
 STORAGES = ("des", "sha", "directory")
 # Each entry takes the schema from its index to the next version, in one transaction.
@@ -162,22 +162,6 @@ def user_secrets(record: UserRecord, key: StoreKey) -> UserSecrets:
     return UserSecrets(record.address, reversible_password(record, key), scram)
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (it would use the umask).
-
-    Only when it does not exist yet: closing any descriptor of a file drops every POSIX lock this
-    process holds on it, so opening and closing an existing users.db beside a live connection (a
-    second UserDB in one process) would silently drop that connection's locks; another process's
-    last connection then checkpoints and removes the WAL under it, and it reads a frozen snapshot
-    from then on (seen: kmsctl changes never reaching a running server in the tests).
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
 def _record(row: tuple[str, str, str, int, float, float, str | None]) -> UserRecord:
     address, storage, secret, enabled, created, changed, scram = row
     return UserRecord(address, storage, secret, bool(enabled), created, changed, scram)
@@ -195,7 +179,7 @@ class UserDB:
         self.path = path
         self._now = now
         self._lock = threading.Lock()
-        _create_private(path)
+        create_private_file(path)
         self._conn = sqlite3.connect(
             path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
