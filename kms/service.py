@@ -9,6 +9,7 @@ service so ``twistd`` starts and stops them in order.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -148,6 +149,16 @@ class _ListenerService(StreamServerEndpointService):
     def _listening(self, port):  # type: ignore[no-untyped-def]
         log.info("kms {name} listening on {where}", name=self.name, where=self._description)
         return port
+
+
+def _freeze_startup_heap() -> None:
+    """Once per process, after start-up: what is alive now (modules, classes, functions; ~50,000
+    objects that live as long as the process) leaves the cyclic collector's reach, so each full
+    collection walks only what came later (a STORE 1:* on 10,000 messages starts one: 40-90 ms
+    before, ~5 ms after; docs/performance.md, third round)."""
+    if not gc.get_freeze_count():
+        gc.collect()
+        gc.freeze()
 
 
 def _listen(
@@ -405,4 +416,5 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         )
         UpdateChecker(update_checker, reactor, cfg.update.interval).setServiceParent(top)
 
+    _Stoppable("gc-freeze", _freeze_startup_heap, lambda: None).setServiceParent(top)  # started last
     return top

@@ -1377,6 +1377,23 @@ class StoreTests(IMAPTestCase):
             [m.flags for m in self.inbox.messages], [{"\\Flagged", "$Work"}, {"\\Flagged"}, {"\\Seen"}]
         )
 
+    def test_store_numbers_a_scattered_set(self) -> None:
+        """The responses carry this client's sequence numbers, for a run of messages and for a set
+        with gaps alike (after an expunge, UIDs and numbers differ)."""
+        self.fill(3)  # six messages
+        conn = self.selected()
+        conn.send(b"s STORE 2 +FLAGS.SILENT (\\Deleted)\r\ne EXPUNGE\r\n")
+        self.assertEqual(
+            conn.send(b"s STORE 1,3:4 +FLAGS (\\Seen)\r\n"),
+            b"* 1 FETCH (FLAGS (\\Seen))\r\n* 3 FETCH (FLAGS (\\Seen))\r\n* 4 FETCH (FLAGS (\\Seen))\r\n"
+            b"s OK STORE completed\r\n",
+        )
+        self.assertEqual(
+            conn.send(b"s UID STORE 1:* -FLAGS (\\Seen)\r\n"),
+            b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 3 FLAGS ())\r\n* 3 FETCH (UID 4 FLAGS ())\r\n"
+            b"* 4 FETCH (UID 5 FLAGS ())\r\n* 5 FETCH (UID 6 FLAGS ())\r\ns OK STORE completed\r\n",
+        )
+
     def test_new_keyword_from_another_session(self) -> None:
         """A keyword new to the folder: FLAGS and PERMANENTFLAGS with it, before the FETCH showing it."""
         conn = self.selected()

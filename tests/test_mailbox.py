@@ -19,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
-from kms.store.index import CACHE, SNAPSHOT, UIDLIST, Entry, FolderFiles, IndexCache, LazyMeta, UidValidities
+from kms.store.index import CACHE, SNAPSHOT, UIDLIST, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
     Account,
     FolderEvent,
@@ -636,8 +636,7 @@ class SnapshotTests(StoreCase):
         files = FolderFiles(self.root, analyze, UidValidities())
         loaded = files.load()
         info = next(i for i in loaded.infos if i.uid == 2)
-        entry = Entry(info, loaded.names[2])
-        files.set_flags([(entry, frozenset({"urgent"}))])
+        files.set_flags([info], [loaded.names[2]], {info.flags: frozenset({"urgent"})})
         files.close()  # no snapshot of its own: the one on disk is from before the change
         self.assertEqual(
             await self.subjects(),
@@ -742,6 +741,27 @@ class ViewTests(StoreCase):
         await view.store([1], ["\\Draft", "\\Answered"], "-")
         reopened = await self.open(store=self.new_store())
         self.assertEqual([m.flags for m in reopened.messages], [{"\\Seen", "$Work"}, {"\\Answered"}])
+
+    async def test_store_with_mixed_flags_and_a_vanished_file(self) -> None:
+        """Each distinct flag set gets its own outcome; a file gone from cur/ behind the server's
+        back is left as it was (the others change, and the unseen count follows exactly)."""
+        account = await self.account()
+        await account.append("INBOX", message("a"))
+        await account.append("INBOX", message("b"), ["\\Flagged"])
+        await account.append("INBOX", message("c"), ["\\Seen", "work"])
+        await account.append("INBOX", message("d"))
+        view = await self.open()
+        second = next(n for n in self.cur() if b"Subject: b" in (self.root / "cur" / n).read_bytes())
+        os.unlink(self.root / "cur" / second)
+        infos = await view.store([1, 2, 3, 4], ["\\Seen"], "+")
+        self.assertEqual([i.uid for i in infos], [1, 2, 3, 4])
+        expected = [{"\\Seen"}, {"\\Flagged"}, {"\\Seen", "work"}, {"\\Seen"}]
+        self.assertEqual([i.flags for i in infos], expected)
+        self.assertEqual([m.flags for m in view.messages], expected)
+        self.assertEqual((await account.status("INBOX")).unseen, 1)
+        self.assertEqual(sum(n.endswith(":2,S") for n in self.cur()), 3)
+        reopened = await self.open(store=self.new_store())
+        self.assertEqual([m.flags for m in reopened.messages], [{"\\Seen"}, {"\\Seen", "work"}, {"\\Seen"}])
 
     async def test_readonly_view_refuses_changes(self) -> None:
         await (await self.account()).append("INBOX", message("a"), ["\\Deleted"])

@@ -51,7 +51,7 @@ from kms.auth.policy import Decision, SecurityPolicy, may_authenticate, may_use_
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
 from kms.imap import mutf7
-from kms.imap.fetch import FetchPlan, flags_response, quote
+from kms.imap.fetch import FetchPlan, flags_response, flags_responses, quote
 from kms.imap.parser import (
     MAX_LINE,
     MAX_LITERAL,
@@ -648,6 +648,17 @@ class IMAPServer(Protocol):
         permanent = "" if view.readonly else f"{flags} \\*"
         self._untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags permitted")
 
+    def _seqs_of(self, wanted: list[int]) -> Sequence[int]:
+        """The sequence numbers of ascending ``wanted`` UIDs (0: unknown); a run of consecutive
+        messages, as a STORE 1:* names, is found by one comparison instead of a search each."""
+        uids = self._uids
+        if not wanted:
+            return []
+        start = bisect_left(uids, wanted[0])
+        if uids[start : start + len(wanted)] == array("Q", wanted):
+            return range(start + 1, start + 1 + len(wanted))
+        return [self._seq_of(uid) for uid in wanted]
+
     def _seq_of(self, uid: int) -> int:
         """The sequence number of ``uid`` for this client, or 0."""
         index = bisect_left(self._uids, uid)
@@ -1194,12 +1205,12 @@ class IMAPServer(Protocol):
 
     def _flags_work(self, infos: Sequence[MessageInfo], uid: bool) -> Iterator[None]:
         for start in range(0, len(infos), META_BATCH):
-            out = []
-            for info in infos[start : start + META_BATCH]:
-                seq = self._seq_of(info.uid)
-                if seq:
-                    out.append(flags_response(seq, info, uid))
-            self._write(out)
+            batch = infos[start : start + META_BATCH]
+            seqs = self._seqs_of([info.uid for info in batch])
+            if 0 in seqs:  # unknown to this client (cannot happen for its own STORE; kept safe)
+                batch = [info for info, seq in zip(batch, seqs, strict=True) if seq]
+                seqs = [seq for seq in seqs if seq]
+            self._write(flags_responses(seqs, batch, uid))
             yield None
 
     def _search(self, args: Arguments, uid: bool) -> Reply:

@@ -456,6 +456,7 @@ def flag_tally(infos: Iterable[MessageInfo]) -> tuple[int, list[int]]:
 
 
 _flags_attr = attrgetter("flags")
+_uid_attr = attrgetter("uid")
 
 
 @dataclass(frozen=True)
@@ -772,9 +773,13 @@ def _build_infos(
     meta_columns: tuple[Iterable[object], ...] = (metas, nothing, nothing)
     for slot, column in zip(_META_SLOTS, meta_columns, strict=True):
         deque(map(slot.__set__, lazy, column), maxlen=0)
+    return _made_infos(count, (uids, sizes, dates, flags, headers, lazy))
+
+
+def _made_infos(count: int, columns: tuple[Iterable[object], ...]) -> list[MessageInfo]:
+    """``count`` `MessageInfo`s from one column per slot, in slot order, by C-level calls only."""
     infos = list(map(object.__new__, itertools.repeat(MessageInfo, count)))
-    info_columns: tuple[Iterable[object], ...] = (uids, sizes, dates, flags, headers, lazy)
-    for slot, column in zip(_INFO_SLOTS, info_columns, strict=True):
+    for slot, column in zip(_INFO_SLOTS, columns, strict=True):
         deque(map(slot.__set__, infos, column), maxlen=0)
     return infos
 
@@ -1203,39 +1208,49 @@ class FolderFiles:
                 raise
             _copy_file(source, target, self.path / "tmp" / target.name)
 
-    def set_flags(self, changes: Sequence[tuple[Entry, frozenset[str]]]) -> list[Entry]:
-        """STORE: rename each file for its new flags (keywords: the cache only); fsync cur/ once.
-        Messages whose file vanished are left out of the result.  The loop runs once per message
-        of a ``STORE 1:*``, so it joins ``str`` paths (not `Path`) and makes each info directly."""
+    def set_flags(
+        self,
+        infos: Sequence[MessageInfo],
+        names: Sequence[str],
+        outcome: Mapping[frozenset[str], frozenset[str]],
+    ) -> tuple[list[MessageInfo], list[str]]:
+        """STORE: rename each file (``names[i]`` is the file of ``infos[i]``) for its new flags,
+        ``outcome[old flags]`` (keywords: the cache only); fsync cur/ once.  Returns the new infos
+        and file names of those done, in order: a message whose file vanished is left out.
+
+        The loop runs once per message of a ``STORE 1:*``: it joins ``str`` paths, and the new
+        infos are made column by column afterwards (`_build_infos`), no tuple per message."""
         cur = os.path.join(self.path, "cur", "")
         rename = os.rename
-        done: list[Entry] = []
-        keywords: dict[frozenset[str], str] = {}  # few distinct flag sets per request
-        suffixes: dict[tuple[str, frozenset[str]], str] = {}  # (old letters, flags) -> ":2,<letters>"
-        changed: list[tuple[str, str, int]] = []
-        for (info, old_name), flags in changes:
+        suffixes: dict[tuple[str, frozenset[str]], str] = {}  # (old letters, old flags) -> ":2,<letters>"
+        done: list[MessageInfo] = []
+        new_names: list[str] = []
+        for info, old_name in zip(infos, names, strict=True):
             base, sep, letters = old_name.rpartition(INFO)
             if not sep:
                 base, letters = old_name, ""
-            suffix = suffixes.get((letters, flags))
+            suffix = suffixes.get((letters, info.flags))
             if suffix is None:
-                suffix = suffixes[letters, flags] = name_with_flags(old_name, flags)[len(base) :]
+                wanted = outcome[info.flags]
+                suffix = suffixes[letters, info.flags] = name_with_flags(old_name, wanted)[len(base) :]
             name = base + suffix
             if name != old_name:
                 try:
                     rename(cur + old_name, cur + name)
                 except FileNotFoundError:
                     continue
-            info = _fast_info(info.uid, info.size, info.internal_date, flags, info.headers, info.meta)
-            done.append(_new_entry((info, name)))
-            text = keywords.get(flags)
-            if text is None:
-                text = keywords[flags] = keywords_text(flags)
-            changed.append((name, text, info.uid))
-        if done:
-            fsync_dir(self.path / "cur")
-            self._cache_do(lambda: self._db().update(changed))
-        return done
+            done.append(info)
+            new_names.append(name)
+        if not done:
+            return [], []
+        flags = list(map(outcome.__getitem__, map(_flags_attr, done)))
+        columns = (flags if s == "flags" else map(attrgetter(s), done) for s in MessageInfo.__slots__)
+        made = _made_infos(len(done), tuple(columns))
+        fsync_dir(self.path / "cur")
+        texts = {new: keywords_text(new) for new in set(flags)}
+        changed = list(zip(new_names, map(texts.__getitem__, flags), map(_uid_attr, made), strict=True))
+        self._cache_do(lambda: self._db().update(changed))
+        return made, new_names
 
     def remove(self, entries: Sequence[Entry], unlink: bool = True) -> None:
         """EXPUNGE: unlink the files, fsync cur/, drop the cache rows (``unlink=False``: the files

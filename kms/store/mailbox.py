@@ -39,7 +39,7 @@ import os
 import secrets
 import shutil
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -387,20 +387,15 @@ class _Folder:
         self.recent.update(info.uid for info in infos)
         self.publish(FolderEvent(added=infos))
 
-    def replace(self, entries: Sequence[Entry]) -> None:
-        """Messages with new flags (and file names); the positions are found once for all."""
-        at = locate(self.messages, [e.info.uid for e in entries])
-        old: list[MessageInfo] = []
-        new: list[MessageInfo] = []
-        for entry in entries:
-            i = at.get(entry.info.uid)
-            if i is not None:
-                old.append(self.messages[i])
-                new.append(entry.info)
-                self.messages[i] = entry.info
-                self.names[entry.info.uid] = entry.name
+    def replace(self, positions: Sequence[int], infos: Sequence[MessageInfo], names: Sequence[str]) -> None:
+        """Messages with new flags (and file names): ``infos[k]`` replaces the message at
+        ``positions[k]`` (found by the caller under the same lock hold)."""
+        messages = self.messages
+        old = list(map(messages.__getitem__, positions))
+        deque(map(messages.__setitem__, positions, infos), maxlen=0)
+        self.names.update(zip(map(_uid, infos), names, strict=True))
         self._tally(old, -1)
-        self._tally(new, 1)
+        self._tally(infos, 1)
 
     def drop(self, uids: Iterable[int]) -> None:
         """Messages leave the folder (expunged, moved away, or the folder deleted)."""
@@ -529,31 +524,39 @@ class _View:
         def work() -> Deferred[Sequence[MessageInfo]]:
             if folder.deleted:
                 return fail(MailboxError("mailbox deleted", "NONEXISTENT"))
-            current = folder.entries(uids)
-            changes = []
-            outcome: dict[frozenset[str], frozenset[str]] = {}  # per distinct flag set, not per message
-            for entry in current:
-                old = entry.info.flags
-                new = outcome.get(old)
-                if new is None:
-                    new = outcome[old] = normalize_flags(
-                        old | wanted if mode == "+" else old - wanted if mode == "-" else wanted
-                    )
-                if new != old:
-                    changes.append((entry, new))
-            return folder.store.run(folder.files.set_flags, changes).addCallback(applied, current)
+            messages = folder.messages
+            positions = positions_of(messages, uids)
+            # The outcome per distinct flag set (a handful), not per message.
+            outcome: dict[frozenset[str], frozenset[str]] = {}
+            for old in {messages[i].flags for i in positions}:
+                outcome[old] = normalize_flags(
+                    old | wanted if mode == "+" else old - wanted if mode == "-" else wanted
+                )
+            moving = {old for old, new in outcome.items() if new != old}
+            at = [i for i in positions if messages[i].flags in moving] if moving else []
+            if not at:
+                return succeed([messages[i] for i in positions])
+            targets = [messages[i] for i in at]
+            names = list(map(folder.names.__getitem__, map(_uid, targets)))
+            d = folder.store.run(folder.files.set_flags, targets, names, outcome)
+            return d.addCallback(applied, at, positions)
 
-        def applied(done: list[Entry], current: list[Entry]) -> Sequence[MessageInfo]:
-            folder.replace(done)
-            changed = [e.info for e in done]
+        def applied(
+            result: tuple[list[MessageInfo], list[str]], at: list[int], positions: list[int]
+        ) -> Sequence[MessageInfo]:
+            changed, names = result
+            if len(changed) != len(at):  # some files vanished: find the positions of the others
+                at = positions_of(folder.messages, map(_uid, changed))
+            folder.replace(at, changed, names)
             if changed:
                 # Queued for this view too, so an older change queued by another session cannot
                 # overwrite this one at the next sync; sync does not report it twice.
                 folder.publish(FolderEvent(flags=changed))
-            latest = {e.info.uid: e.info for e in done}
-            for uid, i in locate(self._messages, latest).items():
-                self._messages[i] = latest[uid]
-            return [latest.get(e.info.uid, e.info) for e in current]
+                mine = self._messages
+                found = locate(mine, map(_uid, changed))
+                deque(map(mine.__setitem__, map(found.__getitem__, map(_uid, changed)), changed), maxlen=0)
+            messages = folder.messages
+            return [messages[i] for i in positions]
 
         return folder.store.locked([folder], work)
 
