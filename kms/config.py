@@ -90,6 +90,15 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Open connections on all listeners together and per client address (kms/limits.py)."""
+
+    max_connections: int = 2000
+    max_connections_per_ip: int = 50
+    exempt_group: str = ""  # IP group never limited per address
+
+
+@dataclass(frozen=True)
 class SMTPConfig:
     max_message_size: int
     max_recipients: int
@@ -201,6 +210,7 @@ class Config:
     logs: LogsConfig = field(default_factory=lambda: LogsConfig(debug=()))
     dns: DNSConfig = field(default_factory=DNSConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def group(self, name: str) -> IPGroup:
         """The named IP group; an empty group for "" (validation guarantees the others exist)."""
@@ -399,6 +409,7 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
         "logs",
         "dns",
         "queue",
+        "limits",
     }
     for name in sorted(set(data) - known):
         ld.problem(name, "unknown section")
@@ -423,11 +434,13 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
     logs = ld.section(data, "logs", _logs)
     dns = ld.section(data, "dns", _dns)
     queue = ld.section(data, "queue", _queue)
+    limits = ld.section(data, "limits", _limits)
 
     for key, group in (
         ("relay.local_group", relay.local_group),
         ("security.exception_group", security.exception_group),
         ("master.group", master.group),
+        ("limits.exempt_group", limits.exempt_group),
     ):
         if group and group not in ip_groups:
             ld.problem(key, f'names IP group "{group}", which [ip_groups] does not define')
@@ -464,6 +477,7 @@ def _build(ld: _Loader, data: dict[str, Any]) -> Config:
         logs=logs,
         dns=dns,
         queue=queue,
+        limits=limits,
     )
 
 
@@ -599,6 +613,14 @@ def _queue(s: _Section) -> QueueConfig:
         delay_warning=s.parsed("delay_warning", "4h", parse_duration),
         max_connections=s.integer("max_connections", 20, minimum=1),
         max_per_domain=s.integer("max_per_domain", 4, minimum=1),
+    )
+
+
+def _limits(s: _Section) -> LimitsConfig:
+    return LimitsConfig(
+        max_connections=s.integer("max_connections", 2000, minimum=1),
+        max_connections_per_ip=s.integer("max_connections_per_ip", 50, minimum=1),
+        exempt_group=s.text("exempt_group", ""),
     )
 
 
@@ -798,6 +820,10 @@ def runtime_problems(cfg: Config) -> list[str]:
         else:
             if ":" not in first or first.startswith(":"):
                 problems.append(f'relay.smarthost_credentials_file: {secret}: expected "user:password"')
+            elif secret.stat().st_mode & 0o077:
+                problems.append(
+                    f"relay.smarthost_credentials_file: {secret} is open to group or others (chmod 600)"
+                )
     directory = cfg.directory
     if directory is not None and directory.bind_password_file is not None:
         secret = directory.bind_password_file

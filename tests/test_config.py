@@ -175,3 +175,21 @@ x = 1
         self.assertIn("CRAM-MD5, DIGEST-MD5", warnings[0])
         problems = runtime_problems(cfg)
         self.assertEqual([p.split(":")[0] for p in problems], ["tls.certificate", "tls.private_key"])
+
+    def test_smarthost_credentials_file_checked_at_start(self) -> None:
+        """Missing, malformed or readable by others: each stops a start, naming the key."""
+        path = self.write(
+            MINIMAL + '[relay]\nsmarthost = "relay.example.net:587"\n'
+            'smarthost_credentials_file = "smarthost.secret"\n'
+        )
+        secret = path.parent / "smarthost.secret"
+        cases = [(None, "cannot read"), ("no colon\n", "user:password"), ("u:p\n", "chmod 600")]
+        for content, expected in cases:
+            if content is not None:
+                secret.write_text(content)
+                secret.chmod(0o644)
+            [problem] = runtime_problems(load_config(path))
+            self.assertTrue(problem.startswith("relay.smarthost_credentials_file: "), problem)
+            self.assertIn(expected, problem)
+        secret.chmod(0o600)
+        self.assertEqual(runtime_problems(load_config(path)), [])
