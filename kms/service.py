@@ -21,7 +21,6 @@ from twisted.application.service import MultiService, Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -44,6 +43,7 @@ from kms.config import IMPLICIT_TLS_LISTENERS, Config
 from kms.dns import make_resolver
 from kms.imap.message import analyze
 from kms.imap.server import IMAPFactory, IMAPSettings
+from kms.limits import ConnectionCounter, ConnectionLimits, RefusingFactory, raise_descriptor_limit
 from kms.logs import Logs
 from kms.pop3.server import POP3Factory, POP3Settings
 from kms.queue.client import attempt
@@ -162,10 +162,20 @@ def _freeze_startup_heap() -> None:
 
 
 def _listen(
-    top: MultiService, reactor: Any, name: str, description: str, factory: Factory, implicit_tls: Any
+    top: MultiService,
+    reactor: Any,
+    name: str,
+    description: str,
+    factory: RefusingFactory,
+    implicit_tls: Any,
+    limits: ConnectionLimits,
 ) -> None:
-    """One listener; ``implicit_tls`` (a context) wraps the factory in TLS from the first byte."""
-    wrapped = TLSMemoryBIOFactory(implicit_tls, False, factory) if implicit_tls is not None else factory
+    """One listener; ``implicit_tls`` (a context) wraps the factory in TLS from the first byte.
+
+    The connection limits sit inside TLS: one slot per TCP connection, and refusals the client can read.
+    """
+    limited = limits.wrap(factory, name)
+    wrapped = TLSMemoryBIOFactory(implicit_tls, False, limited) if implicit_tls is not None else limited
     _ListenerService(name, description, serverFromString(reactor, description), wrapped).setServiceParent(top)
 
 
@@ -351,6 +361,15 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     if cfg.tls.certificate and cfg.tls.private_key:
         tls_context = server_context_factory(cfg.tls.certificate, cfg.tls.private_key)
     banner = "ESMTP" if cfg.misc.hide_version else f"ESMTP kms {__version__}"
+    counter = ConnectionCounter(
+        cfg.limits.max_connections,
+        cfg.limits.max_connections_per_ip,
+        cfg.group(cfg.limits.exempt_group).contains,
+    )
+    limits = ConnectionLimits(counter, reactor, logs)
+    descriptors = raise_descriptor_limit(cfg.limits.max_connections)
+    if descriptors is not None:
+        logs.error("open-file-limit", detail=descriptors)
 
     for name in SMTP_LISTENERS:
         if name not in cfg.listeners:
@@ -370,8 +389,10 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             data_timeout=cfg.smtp.data_timeout,
         )
         starttls = None if implicit else tls_context
-        factory: Factory = SMTPFactory(settings, backend, session_factory, starttls, clock=reactor, logs=logs)
-        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None)
+        factory: RefusingFactory = SMTPFactory(
+            settings, backend, session_factory, starttls, clock=reactor, logs=logs
+        )
+        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None, limits)
 
     product = None if cfg.misc.hide_version else f"kms {__version__}"
     for name in ("pop3", "pop3s", "imap", "imaps"):
@@ -402,7 +423,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             factory = IMAPFactory(
                 imap, mail_store.account, session_factory, starttls, clock=reactor, logs=logs
             )
-        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None)
+        _listen(top, reactor, name, cfg.listeners[name], factory, tls_context if implicit else None, limits)
 
     if cfg.update.check and cfg.update.feed_url:
         update_checker = Checker(

@@ -82,6 +82,7 @@ from kms.imap.parser import (
     tokenize,
 )
 from kms.imap.search import Program, SearchContext, matches, needs_body, parse_search
+from kms.limits import REFUSAL_TEXT, Verdict
 from kms.positions import delete_positions
 from kms.store.interfaces import (
     SYSTEM_FLAGS,
@@ -1330,3 +1331,7 @@ class IMAPFactory(Factory):
         )
         protocol.factory = self
         return protocol
+
+    def refusal(self, verdict: Verdict) -> bytes:
+        """The greeting of a connection over a limit (kms/limits.py): BYE, RFC 3501 7.1.5 / RFC 5530."""
+        return f"* BYE [UNAVAILABLE] {REFUSAL_TEXT[verdict]}\r\n".encode()

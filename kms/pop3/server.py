@@ -55,6 +55,7 @@ from kms.auth.errors import (
 from kms.auth.policy import Decision, SecurityPolicy, may_authenticate, may_use_command
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
+from kms.limits import REFUSAL_TEXT, Verdict
 from kms.lines import TOO_LONG, LineReader
 from kms.net import set_tcp_nodelay
 from kms.pop3.commands import (
@@ -853,3 +854,7 @@ class POP3Factory(Factory):
         )
         protocol.factory = self
         return protocol
+
+    def refusal(self, verdict: Verdict) -> bytes:
+        """The greeting of a connection over a limit (kms/limits.py): a temporary failure, RFC 3206."""
+        return f"-ERR [SYS/TEMP] {REFUSAL_TEXT[verdict]}\r\n".encode()

@@ -43,6 +43,7 @@ from kms.auth.errors import (
 )
 from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_challenge
 from kms.clientinfo import ClientInfo
+from kms.limits import REFUSAL_TEXT, SERVER_FULL, Verdict
 from kms.lines import TOO_LONG, LineReader
 from kms.net import set_tcp_nodelay
 from kms.smtp.commands import DataReader, parse_command, parse_helo, parse_mail, parse_rcpt
@@ -673,3 +674,8 @@ class SMTPFactory(Factory):
         )
         protocol.factory = self
         return protocol
+
+    def refusal(self, verdict: Verdict) -> bytes:
+        """The greeting of a connection over a limit (kms/limits.py); 4.3.2 as Postfix's "ports busy"."""
+        code = "4.3.2" if verdict == SERVER_FULL else "4.7.0"
+        return f"421 {code} {self.settings.hostname} {REFUSAL_TEXT[verdict]}\r\n".encode()
