@@ -10,7 +10,6 @@ temporarily, local users keep working, and nothing counts toward lockout.
 from __future__ import annotations
 
 import imaplib
-import os
 import poplib
 import re
 import smtplib
@@ -52,25 +51,8 @@ def ensure_users(dc: samba.SambaDC) -> None:
 
 
 def directory_config(dc: samba.SambaDC, directory: Path) -> str:
-    secret = directory / "ad-bind.secret"
-    directory.mkdir(parents=True, exist_ok=True)
-    secret.write_text(samba.SERVICE_PASSWORD + "\n")
-    os.chmod(secret, 0o600)
-    return f"""
-[security]
-methods = ["CRAM-MD5", "LOGIN", "PLAIN"]
-[lockout]
-attempts = 3
-[directory]
-uri = "{dc.ldaps_uri}"
-base_dn = "{samba.BASE_DN}"
-domain = "{samba.DOMAIN}"
-mail_domain = "{samba.MAIL_DOMAIN}"
-bind_dn = "{samba.SERVICE_DN}"
-bind_password_file = "ad-bind.secret"
-ca_file = "{dc.ca_file}"
-require_group = "de-mail"
-"""
+    security = '\n[security]\nmethods = ["CRAM-MD5", "LOGIN", "PLAIN"]\n[lockout]\nattempts = 3\n'
+    return security + samba.directory_section(dc, directory, 'require_group = "de-mail"\n')
 
 
 # --- clients (blocking: called in threads while the reactor serves) -------------------------------

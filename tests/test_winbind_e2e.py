@@ -11,7 +11,6 @@ helper's CHALLENGE, key exchange and MIC included).
 from __future__ import annotations
 
 import imaplib
-import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -33,25 +32,12 @@ MESSAGE = b"From: wb-e2e@kms.test\r\nTo: alice@example.test\r\nSubject: ntlm e2e
 
 
 def directory_config(dc: samba.SambaDC, directory: Path, allowed: bool, helper: str = "") -> str:
-    secret = directory / "ad-bind.secret"
-    directory.mkdir(parents=True, exist_ok=True)
-    secret.write_text(samba.SERVICE_PASSWORD)
-    os.chmod(secret, 0o600)
     helper = helper or f"/usr/bin/ntlm_auth --helper-protocol=squid-2.5-ntlmssp --configfile={dc.smb_conf}"
-    return f"""
-[security]
-methods = ["LOGIN", "NTLM", "PLAIN"]
-allow_ntlm_for_directory_users = {str(allowed).lower()}
-[directory]
-uri = "{dc.ldaps_uri}"
-base_dn = "{samba.BASE_DN}"
-domain = "{samba.DOMAIN}"
-mail_domain = "{samba.MAIL_DOMAIN}"
-bind_dn = "{samba.SERVICE_DN}"
-bind_password_file = "ad-bind.secret"
-ca_file = "{dc.ca_file}"
-ntlm_helper = "{helper}"
-"""
+    security = (
+        f'\n[security]\nmethods = ["LOGIN", "NTLM", "PLAIN"]\n'
+        f"allow_ntlm_for_directory_users = {str(allowed).lower()}\n"
+    )
+    return security + samba.directory_section(dc, directory, f'ntlm_helper = "{helper}"\n')
 
 
 class WinbindEndToEndTests(TestCase):

@@ -91,6 +91,25 @@ _UAC_NORMAL = 0x200
 _UAC_DISABLED = 0x2
 
 
+def directory_section(dc: SambaDC, config_dir: Path, extra: str = "") -> str:
+    """The ``[directory]`` section of a kms config for ``dc``, its bind secret written 0600 beside
+    the config as ``ad-bind.secret``; ``extra`` adds keys to the section (require_group, ...)."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    secret = config_dir / "ad-bind.secret"
+    secret.write_text(SERVICE_PASSWORD + "\n")
+    os.chmod(secret, 0o600)
+    return f"""
+[directory]
+uri = "{dc.ldaps_uri}"
+base_dn = "{BASE_DN}"
+domain = "{DOMAIN}"
+mail_domain = "{MAIL_DOMAIN}"
+bind_dn = "{SERVICE_DN}"
+bind_password_file = "ad-bind.secret"
+ca_file = "{dc.ca_file}"
+{extra}"""
+
+
 def samba_missing() -> str | None:
     """Why a Samba AD DC cannot run here, or None when it can."""
     missing = [tool for tool in ("samba", "samba-tool", "wbinfo", "ntlm_auth") if shutil.which(tool) is None]
