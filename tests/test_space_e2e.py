@@ -101,7 +101,9 @@ class StoreOnTmpfs(TestCase):
         self.dir = Path(self.mktemp()).absolute()
         listeners = {name: "tcp:0:interface=127.0.0.1" for name in ("smtp", "imap", "pop3")}
         limits = f'soft_limit = "{soft}"\nhard_limit = "{hard}"\n'  # write_config's last section is [store]
-        self.config_path = write_config(self.dir, listeners=listeners, max_size="5MB", extra=limits)
+        self.config_path = write_config(
+            self.dir, listeners=listeners, max_size="5MB", extra=limits, store_limits=""
+        )
         self.store = self.dir / "store"
         mount_tmpfs(self, self.store)
         self.server = RunningServer(self.config_path)
@@ -533,7 +535,8 @@ class StopModeTests(TestCase):
         directory = Path(self.mktemp()).absolute()
         port = free_port()
         limits = 'soft_limit = "5MB"\nhard_limit = "2MB"\nhard_limit_action = "stop"\n'
-        path = write_config(directory, listeners={"smtp": f"tcp:{port}:interface=127.0.0.1"}, extra=limits)
+        listeners = {"smtp": f"tcp:{port}:interface=127.0.0.1"}
+        path = write_config(directory, listeners=listeners, extra=limits, store_limits="")
         store = directory / "store"
         mount_tmpfs(self, store)
         add_user(load_config(path), ALICE, PASSWORD)

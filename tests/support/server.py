@@ -46,7 +46,12 @@ hide_version = {hide_version}
 hide_local_ip = {hide_local_ip}
 [store]
 path = "store"
-"""
+{store_limits}"""
+
+# Free-space limits small enough that a test machine short of disk (one had 287 MB free) never
+# answers 452 or prints kmsctl warnings in tests that are not about disk space.
+TEST_STORE_LIMITS = 'soft_limit = "20MB"\nhard_limit = "10MB"\n'
+
 
 
 def write_config(
@@ -60,8 +65,12 @@ def write_config(
     extra: str = "",
     listeners: dict[str, str] | None = None,
     domains: Sequence[str] = ("example.test", "example.org"),
+    store_limits: str = TEST_STORE_LIMITS,
 ) -> Path:
-    """A config for a server on ephemeral ports with its store and certificate under ``directory``."""
+    """A config for a server on ephemeral ports with its store and certificate under ``directory``.
+
+    ``extra`` is appended after the last section, ``[store]``; tests of the free-space limits pass
+    ``store_limits=""`` and their own limits in ``extra``."""
     directory.mkdir(parents=True, exist_ok=True)
     generate_dev_certificate(directory / "tls" / "server.pem", directory / "tls" / "server.key")
     if listeners is None:
@@ -74,6 +83,7 @@ def write_config(
         max_recipients=max_recipients,
         hide_version=str(hide_version).lower(),
         hide_local_ip=str(hide_local_ip).lower(),
+        store_limits=store_limits,
     )
     path = directory / "kms.toml"
     path.write_text(text + extra)
