@@ -157,6 +157,12 @@ def _disk_error(failure: Failure) -> NoReturn:
     failure.raiseException()
 
 
+def _no_spare(failure: Failure, folder: _Folder) -> None:
+    """The next APPEND makes its own file, as it would without a spare (a full disk, say)."""
+    failure.trap(OSError)
+    log.warn("no spare file in {path}: {error}", path=folder.path, error=failure.value)
+
+
 def _trycreate(failure: Failure) -> NoReturn:
     """APPEND/COPY into a folder that does not exist: TRYCREATE (RFC 3501 §6.3.11)."""
     error = failure.value
@@ -860,20 +866,31 @@ class _Account:
     def append(
         self, name: str, data: bytes, flags: Sequence[str] = (), internal_date: float | None = None
     ) -> Deferred[tuple[int, int]]:
+        """The reply fires as soon as the message is durable; the folder's lock is held a little
+        longer, while the pool makes the file the next APPEND will write (`prepare_append`), so
+        that work overlaps this client reading the reply and sending its next command."""
         wanted = normalize_flags(flags)
+        done: Deferred[tuple[int, int]] = Deferred()
 
-        def work(folder: _Folder) -> Deferred[tuple[int, int]]:
-            def write(_: None) -> Deferred[tuple[int, int]]:
-                return self.store.run(folder.files.append, data, wanted, internal_date).addCallback(appended)
+        def work(folder: _Folder) -> Deferred[None]:
+            def write(_: None) -> Deferred[Entry]:
+                return self.store.run(folder.files.append, data, wanted, internal_date)
 
-            def appended(entry: Entry) -> tuple[int, int]:
+            def appended(entry: Entry) -> Deferred[None]:
                 folder.add([entry])
-                return folder.uidvalidity, entry.info.uid
+                done.callback((folder.uidvalidity, entry.info.uid))
+                return self.store.run(folder.files.prepare_append).addErrback(_no_spare, folder)
 
-            return folder.ensure_loaded().addErrback(_trycreate).addCallback(write)
+            return folder.ensure_loaded().addErrback(_trycreate).addCallback(write).addCallback(appended)
 
-        d = self.store.room().addCallback(lambda _: self._with_folder(name, work))
-        return d.addErrback(_disk_error)
+        def failed(failure: Failure) -> None:
+            if not done.called:
+                done.errback(failure)
+            else:
+                log.failure("preparing the next APPEND in {name}", failure, name=name)
+
+        self.store.room().addCallback(lambda _: self._with_folder(name, work)).addErrback(failed)
+        return done.addErrback(_disk_error)
 
 
 # --- account-level blocking work (thread pool) -------------------------------------------------
