@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from kms.limits import ConnectionCounter
+from tests.support.clients import IMAPFrom, POP3From
 from tests.support.server import RunningServer, write_config
 
 LISTENERS = ("smtp", "pop3", "imap", "imaps")
@@ -34,26 +35,8 @@ class _SMTP(smtplib.SMTP):
         super().__init__("127.0.0.1", port, timeout=30, source_address=(source, 0))
 
 
-class _IMAP(imaplib.IMAP4):
-    """imaplib connecting from a chosen loopback address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=30)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
-class _POP3(poplib.POP3):
-    """poplib connecting from a chosen loopback address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=30)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
 def _raw(port: int, source: str) -> socket.socket:
@@ -113,8 +96,8 @@ class PerAddressTests(_LimitsServer):
         listener gets that protocol's refusal; 127.0.0.1 is unaffected; closing one lets one in."""
         smtp_port, pop3_port, imap_port = (self.server.port(n) for n in ("smtp", "pop3", "imap"))
         held_smtp = await deferToThread(_SMTP, smtp_port, NEIGHBOUR)
-        held_pop3 = await deferToThread(_POP3, pop3_port, NEIGHBOUR)
-        held_imap = await deferToThread(_IMAP, imap_port, NEIGHBOUR)
+        held_pop3 = await deferToThread(POP3From, NEIGHBOUR, pop3_port)
+        held_imap = await deferToThread(IMAPFrom, NEIGHBOUR, imap_port)
         self.assertEqual((self.counter.count(NEIGHBOUR), self.counter.total), (3, 3))
 
         def refused_smtp() -> tuple[int, bytes]:
@@ -124,12 +107,12 @@ class PerAddressTests(_LimitsServer):
 
         def refused_pop3() -> str:
             with self.assertRaises(poplib.error_proto) as caught:
-                _POP3(pop3_port, NEIGHBOUR)
+                POP3From(NEIGHBOUR, pop3_port)
             return str(caught.exception.args[0], "ascii")
 
         def refused_imap() -> str:
             with self.assertRaises(imaplib.IMAP4.error) as caught:
-                _IMAP(imap_port, NEIGHBOUR)
+                IMAPFrom(NEIGHBOUR, imap_port)
             return str(caught.exception)
 
         code, text = await deferToThread(refused_smtp)
@@ -144,16 +127,16 @@ class PerAddressTests(_LimitsServer):
                 s.starttls(context=self.tls)
                 self.assertEqual(s.ehlo()[0], 250)
                 self.assertEqual(s.noop()[0], 250)
-            p = _POP3(pop3_port, HOME)
+            p = POP3From(HOME, pop3_port)
             p.quit()
-            m = _IMAP(imap_port, HOME)
+            m = IMAPFrom(HOME, imap_port)
             m.logout()
 
         await deferToThread(home)
 
         await deferToThread(held_pop3.quit)
         await self.settled(lambda: self.counter.count(NEIGHBOUR) == 2)
-        again = await deferToThread(_IMAP, imap_port, NEIGHBOUR)
+        again = await deferToThread(IMAPFrom, NEIGHBOUR, imap_port)
         self.assertEqual(self.counter.count(NEIGHBOUR), 3)
         for client in (held_smtp, held_imap, again):
             await deferToThread(client.quit if isinstance(client, smtplib.SMTP) else client.logout)
@@ -191,7 +174,7 @@ class PerAddressTests(_LimitsServer):
         for sock in silent:
             sock.close()
         await self.settled(lambda: self.counter.total == 0)
-        m = await deferToThread(_IMAP, self.server.port("imap"), NEIGHBOUR)
+        m = await deferToThread(IMAPFrom, NEIGHBOUR, self.server.port("imap"))
         await deferToThread(m.logout)
 
 
@@ -201,9 +184,9 @@ class ExemptTests(_LimitsServer):
 
     async def test_exempt_group_not_limited(self) -> None:
         port = self.server.port("pop3")
-        exempt = [await deferToThread(_POP3, port, EXEMPT) for _ in range(6)]
+        exempt = [await deferToThread(POP3From, EXEMPT, port) for _ in range(6)]
         self.assertEqual(self.counter.count(EXEMPT), 6)
-        others = [await deferToThread(_POP3, port, NEIGHBOUR) for _ in range(2)]
+        others = [await deferToThread(POP3From, NEIGHBOUR, port) for _ in range(2)]
 
         def refused() -> bytes:
             with _raw(port, NEIGHBOUR) as s:
@@ -234,7 +217,7 @@ class OverallTests(_LimitsServer):
         self.assertEqual(await deferToThread(refused, HOME, "imap"), b"* BYE [UNAVAILABLE] " + BUSY + b"\r\n")
         await deferToThread(held.pop().quit)
         await self.settled(lambda: self.counter.total == 3)
-        m = await deferToThread(_IMAP, self.server.port("imap"), "127.0.0.4")
+        m = await deferToThread(IMAPFrom, "127.0.0.4", self.server.port("imap"))
         await deferToThread(m.logout)
         for s in held:
             await deferToThread(s.quit)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from tests.support.clients import IMAPFrom, POP3From
 from tests.support.server import RunningServer, add_user, write_config
 
 ALICE = "alice@example.test"
@@ -27,22 +27,8 @@ PASSWORD = "alice's pass phrase"
 AUTH_FAILED = "[AUTHENTICATIONFAILED] Authentication failed"
 
 
-class _IMAP(imaplib.IMAP4):
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
-class _POP3(poplib.POP3):
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
 class _LockoutServer(TestCase):
@@ -74,7 +60,7 @@ class _LockoutServer(TestCase):
         return (self.server.store / "logs" / "security.log").read_text()
 
     def imap(self, source: str, password: str, user: str = "alice") -> str:
-        client = _IMAP(self.server.port("imap"), source)
+        client = IMAPFrom(source, self.server.port("imap"))
         try:
             client.login(user, password)
         except imaplib.IMAP4.error as e:
@@ -84,7 +70,7 @@ class _LockoutServer(TestCase):
         return "OK"
 
     def pop3(self, source: str, password: str) -> str:
-        client = _POP3(self.server.port("pop3"), source)
+        client = POP3From(source, self.server.port("pop3"))
         try:
             client.user("alice")
             client.pass_(password)

@@ -15,7 +15,6 @@ import poplib
 import re
 import shutil
 import smtplib
-import socket
 import subprocess
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -33,6 +32,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from kms import __version__
 from kms.clientinfo import ClientInfo
 from kms.rdns import ClientNamer
+from tests.support.clients import IMAPFrom, POP3From
 from tests.support.dnsserver import DNSTestServer
 from tests.support.server import RunningServer, add_user, write_config
 from tests.test_convert_e2e import tnef_message
@@ -43,26 +43,8 @@ USERS = ("alice@example.test", "bob@example.test", "carol@example.test", "box@ex
 INSIDE, OUTSIDE, LIAR = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 
 
-class _IMAP(imaplib.IMAP4):
-    """imaplib connecting from a chosen loopback address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=30)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
-class _POP3(poplib.POP3):
-    """poplib connecting from a chosen loopback address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=30)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
 def uuencode(data: bytes, name: str, nl: bytes) -> bytes:
@@ -150,12 +132,12 @@ class _MiscServer(TestCase):
                 s.sendmail("sender@remote.test", recipients, m)
 
     def imap(self, user: str, source: str = INSIDE) -> imaplib.IMAP4:
-        m = _IMAP(self.server.port("imap"), source)
+        m = IMAPFrom(source, self.server.port("imap"))
         m.login(user, PASSWORD)
         return m
 
     def pop3(self, user: str, source: str = INSIDE) -> poplib.POP3:
-        p = _POP3(self.server.port("pop3"), source)
+        p = POP3From(source, self.server.port("pop3"))
         p.user(user)
         p.pass_(PASSWORD)
         return p
@@ -390,11 +372,11 @@ class HiddenVersionTests(_MiscServer):
                 seen["smtp"] = s.connect("127.0.0.1", self.server.port("smtp"))[1]
                 seen["ehlo"] = s.ehlo()[1].split(b"\n")[0]
                 s.sendmail("sender@remote.test", ["alice@example.test"], b"Subject: v\r\n\r\nv\r\n")
-            m = _IMAP(self.server.port("imap"), INSIDE)
+            m = IMAPFrom(INSIDE, self.server.port("imap"))
             seen["imap"] = m.welcome
             seen["id"] = m.xatom("ID", '("name" "imaplib")')[0], m.response("ID")[1]
             m.logout()
-            p = _POP3(self.server.port("pop3"), INSIDE)
+            p = POP3From(INSIDE, self.server.port("pop3"))
             seen["pop3"] = p.getwelcome()
             seen["capa"] = p.capa()
             p.quit()

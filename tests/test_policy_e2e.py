@@ -19,6 +19,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from tests.support.clients import IMAPFrom, POP3From
 from tests.support.server import RunningServer, add_user, write_config
 
 TRUSTED, OUTSIDER = "127.0.0.1", "127.0.0.2"
@@ -28,26 +29,8 @@ PLAIN = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
 MESSAGE = b"From: joerg@remote.test\r\nTo: alice@example.test\r\nSubject: policy\r\n\r\nHello.\r\n"
 
 
-class IMAPFrom(imaplib.IMAP4):
-    """imaplib with its socket bound to a chosen source address."""
-
-    def __init__(self, source: str, port: int) -> None:
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
-class POP3From(poplib.POP3):
-    """poplib with its socket bound to a chosen source address."""
-
-    def __init__(self, source: str, port: int) -> None:
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 class _PolicyServer(TestCase):
