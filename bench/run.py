@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["fsync_ceiling.py", "smtp_load.py", "imap_load.py"]
+SCRIPTS = ["fsync_ceiling.py", "smtp_load.py", "queue_load.py", "imap_load.py"]
 
 if __name__ == "__main__":
     failed = 0
