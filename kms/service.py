@@ -47,7 +47,7 @@ from kms.limits import ConnectionCounter, ConnectionLimits, RefusingFactory, rai
 from kms.logs import Logs
 from kms.pop3.server import POP3Factory, POP3Settings
 from kms.queue.client import attempt
-from kms.queue.mx import resolve_hops, smarthost_hops
+from kms.queue.mx import HopCache, resolve_hops, smarthost_hops
 from kms.queue.runner import QueueRunner, RunnerSettings, read_credentials
 from kms.queue.store import QueueStore
 from kms.rdns import ClientNamer, ClientNamerService
@@ -193,11 +193,12 @@ def _queue_runner(
     _Stoppable("queue-pool", pool.start, pool.stop).setServiceParent(top)
     resolver = make_resolver(cfg.dns, reactor)
     relay = cfg.relay
+    hops = HopCache(reactor)
 
     def resolve(target: str) -> Any:
         if relay.smarthost:
-            return smarthost_hops(resolver, relay.smarthost, reactor=reactor)
-        return resolve_hops(resolver, target, relay.mx_port, reactor=reactor)
+            return hops.resolve(target, lambda: smarthost_hops(resolver, relay.smarthost, reactor=reactor))
+        return hops.resolve(target, lambda: resolve_hops(resolver, target, relay.mx_port, reactor=reactor))
 
     credentials = None
     if relay.smarthost and relay.smarthost_credentials_file is not None:

@@ -8,7 +8,8 @@ import random
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
@@ -17,6 +18,7 @@ from kms.dns import make_resolver
 from kms.queue.interfaces import DestinationError, Hop
 from kms.queue.mx import (
     MAX_HOPS,
+    HopCache,
     address_literal,
     ascii_domain,
     interleave,
@@ -304,3 +306,47 @@ class SilentServerTests(_DNSCase):
         error = yield self.refused(smarthost_hops(self.resolver, "relay.test:25", reactor=reactor))
         self.assertFalse(error.permanent)
         self.assertIn("DNS timeout", error.reason)
+
+
+class HopCacheTests(_DNSCase):
+    """Counted against the real DNS server: what reaches it is what the cache did not answer."""
+
+    @inlineCallbacks
+    def test_answers_are_kept_for_ttl_and_shared_while_pending(self) -> None:
+        self.dns.add_mx("example.test", 10, "mx1.example.test")
+        self.dns.add_a("mx1.example.test", "127.0.0.2")
+        clock = Clock()
+        cache = HopCache(clock, ttl=60)
+
+        def ask() -> Deferred[list[Hop]]:
+            return cache.resolve("example.test", lambda: self.hops("example.test"))
+
+        first, second = yield gatherResults([ask(), ask()])
+        self.assertEqual(first, second)
+        asked = len(self.dns.resolver.queries)
+        self.assertGreater(asked, 0)
+        clock.advance(59)
+        self.assertEqual((yield ask()), first)
+        self.assertEqual(len(self.dns.resolver.queries), asked)  # from the cache
+        clock.advance(1)
+        yield ask()
+        self.assertEqual(len(self.dns.resolver.queries), 2 * asked)  # expired: asked again
+
+    @inlineCallbacks
+    def test_permanent_failures_are_kept_temporary_ones_are_not(self) -> None:
+        self.dns.add_null_mx("nomail.test")
+        cache = HopCache(Clock(), ttl=60)
+        for _ in range(2):
+            error = yield self.refused(cache.resolve("nomail.test", lambda: self.hops("nomail.test")))
+            self.assertTrue(error.permanent)
+        self.assertEqual(len([q for q in self.dns.resolver.queries if q[0] == "nomail.test"]), 1)
+        calls = []
+
+        def temporary() -> Deferred[list[Hop]]:
+            calls.append(1)
+            return fail(DestinationError("slow.test", "4.4.3 DNS timeout", permanent=False))
+
+        for _ in range(2):
+            error = yield self.refused(cache.resolve("slow.test", temporary))
+            self.assertFalse(error.permanent)
+        self.assertEqual(len(calls), 2)

@@ -28,10 +28,10 @@ from __future__ import annotations
 import ipaddress
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import dns
 from twisted.names.error import DNSNameError
@@ -326,3 +326,56 @@ def _bounded(d: Deferred[list[Hop]], destination: str, reactor: IReactorTime) ->
 
     d.addBoth(done)
     return result
+
+
+class HopCache:
+    """Hops per destination, remembered for ``ttl`` seconds; concurrent asks share one look-up.
+
+    Without it every delivery asks DNS three times (MX, A, AAAA), each on a new UDP port: most of
+    the reactor's time in `bench/queue_load.py`.  Permanent answers (NXDOMAIN, null MX) are kept
+    as long as hops; temporary failures are never kept.  Record TTLs are not read: ``ttl`` caps how
+    long a changed MX goes unnoticed (a minute by default).
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float = 60.0, size: int = 10_000) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._size = size
+        self._answers: dict[str, tuple[float, list[Hop] | DestinationError]] = {}
+        self._pending: dict[str, list[Deferred[list[Hop]]]] = {}
+
+    def resolve(self, key: str, look_up: Callable[[], Deferred[list[Hop]]]) -> Deferred[list[Hop]]:
+        """The hops for ``key`` (a domain or the smarthost), from the cache or from ``look_up()``."""
+        now = self._clock.seconds()
+        known = self._answers.get(key)
+        if known is not None and known[0] > now:
+            answer = known[1]
+            return fail(answer) if isinstance(answer, DestinationError) else succeed(list(answer))
+        waiter: Deferred[list[Hop]] = Deferred()
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._pending[key] = [waiter]
+        look_up().addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        return waiter
+
+    def _answered(self, hops: list[Hop], key: str) -> None:
+        self._remember(key, hops)
+        for waiter in self._pending.pop(key, []):
+            waiter.callback(list(hops))
+
+    def _failed(self, failure: Failure, key: str) -> None:
+        error = failure.value
+        if isinstance(error, DestinationError) and error.permanent:
+            self._remember(key, error)
+        for waiter in self._pending.pop(key, []):
+            waiter.errback(failure)
+
+    def _remember(self, key: str, answer: list[Hop] | DestinationError) -> None:
+        if len(self._answers) >= self._size:
+            now = self._clock.seconds()
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            if len(self._answers) >= self._size:
+                self._answers.clear()  # bounded: a flood of destinations must not grow it forever
+        self._answers[key] = (self._clock.seconds() + self._ttl, answer)
