@@ -24,8 +24,9 @@ from kms.auth import master
 from kms.auth.passwords import StoreKey
 from kms.config import load_config, runtime_problems
 from kms.ctl import main as kmsctl
+from tests.support.clients import IMAPFrom, POP3From
 from tests.support.server import RunningServer, add_user, write_config
-from tests.test_lockout_e2e import _IMAP, _POP3, AUTH_FAILED
+from tests.test_lockout_e2e import AUTH_FAILED
 
 ALICE = "alice@example.test"
 PASSWORD = "alice's pass phrase"
@@ -142,7 +143,7 @@ class MasterEndToEndTests(TestCase):
         return (self.server.store / "logs" / "security.log").read_text()
 
     def imap(self, source: str, password: str, sasl: bool = False) -> str:
-        client = _IMAP(self.server.port("imap"), source)
+        client = IMAPFrom(source, self.server.port("imap"))
         try:
             if sasl:
                 client.authenticate("PLAIN", lambda _: f"\0alice\0{password}".encode())
@@ -156,7 +157,7 @@ class MasterEndToEndTests(TestCase):
             client.shutdown()
 
     def pop3(self, source: str, password: str) -> str:
-        client = _POP3(self.server.port("pop3"), source)
+        client = POP3From(source, self.server.port("pop3"))
         try:
             client.user("alice")
             client.pass_(password)
