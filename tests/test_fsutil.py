@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from kms.fsutil import replace_file
+from kms.fsutil import create_private_file, replace_file
 
 
 class ReplaceFileTests(TestCase):
@@ -45,3 +48,32 @@ class ReplaceFileTests(TestCase):
         tmp.symlink_to(victim)
         self.assertRaises(OSError, replace_file, self.path, b"x", tmp=tmp)
         self.assertEqual(victim.read_bytes(), b"keep")
+
+
+class CreatePrivateFileTests(TestCase):
+    def test_new_file_is_0600(self) -> None:
+        path = Path(self.mktemp())
+        old = os.umask(0)
+        try:
+            create_private_file(path)
+        finally:
+            os.umask(old)
+        self.assertEqual((path.stat().st_size, path.stat().st_mode & 0o777), (0, 0o600))
+
+    def test_existing_file_is_not_reopened(self) -> None:
+        """A POSIX lock this process holds on the file survives: any close of any descriptor of the
+        file would drop it (how SQLite connections beside kmsctl lost their locks and went stale)."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"data")
+        fd = os.open(path, os.O_RDWR)
+        self.addCleanup(os.close, fd)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        create_private_file(path)
+        probe = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n"
+        )
+        taken = subprocess.run([sys.executable, "-c", probe, str(path)])
+        self.assertEqual(taken.returncode, 3)  # still locked by us
+        self.assertEqual(path.read_bytes(), b"data")

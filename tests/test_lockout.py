@@ -340,28 +340,3 @@ class CtlLockoutTests(TestCase):
         self.assertIn("lockout-unlocked user=alice@example.test ip=192.0.2.1 reason=kmsctl", log)
         self.assertIn("lockout-unlocked user=bob@example.test", log)
 
-
-class SharedFileTests(TestCase):
-    def test_a_new_thread_does_not_blind_the_others(self) -> None:
-        """Each thread has its own connection; opening one must not drop the locks of the others
-        (POSIX locks die with any close of the file in the process), or an unlock by kmsctl in
-        another process is never seen by the server's older connections."""
-        import subprocess
-        import sys
-        from concurrent.futures import ThreadPoolExecutor
-
-        path = Path(self.mktemp()).absolute()
-        db = LockoutDB(path)
-        self.addCleanup(db.close)
-        for wrong in ("a", "b", "c"):
-            db.fail("alice@example.test", "192.0.2.1", wrong, 1000.0, 60.0, 3)
-        older = ThreadPoolExecutor(1)
-        self.addCleanup(older.shutdown)
-        self.assertEqual(len(older.submit(db.locks).result()), 1)  # the older thread's connection
-        newer = threading.Thread(target=db.locks)  # a new thread opens its connection
-        newer.start()
-        newer.join()
-        code = "import sys; from pathlib import Path; from kms.auth.lockout import LockoutDB; "
-        code += "d = LockoutDB(Path(sys.argv[1])); d.unlock(); d.close()"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-        self.assertEqual(older.submit(db.locks).result(), [])

@@ -470,6 +470,8 @@ class LocalDelivery:
 
         Best effort: it is built and delivered while the client goes on; a failure is logged.
         """
+        if not envelope.sender or not any("SUCCESS" in (p.get("NOTIFY") or "") for p in envelope.rcpt_params):
+            return  # the common case, decided without building anything
         entry = queue_entry(envelope, queue_id, now, size, remote=False)
         if entry is None or not entry.sender:
             return
