@@ -22,7 +22,7 @@ from kms.imap.search import (
     needs_body,
     parse_search,
 )
-from kms.store.interfaces import MessageInfo
+from kms.store.interfaces import MessageInfo, message_info
 from kms.wireform import header_section
 
 
@@ -81,7 +81,7 @@ NOW = utc(2024, 3, 15, 13)
 def infos(analyzed: bool) -> list[MessageInfo]:
     """The three messages as the index has them; without ``analyzed`` their meta is empty (old index)."""
     return [
-        MessageInfo(
+        message_info(
             uid, size, date, flags, header_section(MESSAGES[uid]), analyze(MESSAGES[uid]) if analyzed else {}
         )
         for uid, (flags, size, date) in PROPERTIES.items()

@@ -13,8 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from hypothesis import given, settings
@@ -34,6 +33,7 @@ from kms.imap.message import analyze
 from kms.imap.parser import MAX_LINE, list_matcher
 from kms.imap.server import IMAPFactory, IMAPServer, IMAPSettings, list_selection
 from kms.ipgroups import parse_group
+from kms.store.index import FolderDetails
 from kms.store.interfaces import FolderEvent, FolderListing, FolderStatus, MailboxError, MessageInfo
 from kms.wireform import header_section
 
@@ -92,11 +92,16 @@ class Folder:
         self.bodies: dict[int, bytes] = {}
         self.views: list[FakeView] = []
         self.recent: set[int] = set()
+        # As a folder opened from its index: headers and meta unreadable until a view's details().
+        self.details = FolderDetails()
+        self.headers: dict[int, bytes] = {}
+        self.metas: dict[int, Mapping[str, object]] = {}
 
     def add(self, wire: bytes, flags: Iterable[str] = (), date: float = DATE) -> MessageInfo:
         uid = self.uidnext
         self.uidnext += 1
-        info = MessageInfo(uid, len(wire), date, frozenset(flags), header_section(wire), analyze(wire))
+        info = MessageInfo(uid, len(wire), date, frozenset(flags), self.details)
+        self.headers[uid], self.metas[uid] = header_section(wire), analyze(wire)
         self.messages.append(info)
         self.bodies[uid] = wire
         self.recent.add(uid)
@@ -206,6 +211,12 @@ class FakeView:
             return d
         return succeed(body)
 
+    def details(self) -> Deferred[None]:
+        if not self.folder.details.loaded:
+            self.account.detail_loads += 1
+            self.folder.details.fill(self.folder.headers, self.folder.metas)
+        return succeed(None)
+
     def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         self.account.opened.extend(uids)
         if self.account.read_error is not None:
@@ -228,6 +239,7 @@ class FakeAccount:
         self.address = address
         self.calls: list[tuple[Any, ...]] = []
         self.opened: list[int] = []
+        self.detail_loads = 0  # FolderDetails filled by a view (first header/meta need)
         self.views: list[FakeView] = []
         self.copy_fails = False
         self.hold_reads = False
@@ -1164,18 +1176,19 @@ class FetchTests(IMAPTestCase):
     def test_structures_from_the_cache(self) -> None:
         """ENVELOPE, BODY, BODYSTRUCTURE come from meta: no message is opened."""
         conn = self.selected()
-        meta = self.second.meta
+        meta = self.inbox.metas[2]
         self.assertEqual(
             conn.send(b"f FETCH 2 (ENVELOPE BODY BODYSTRUCTURE)\r\n"),
             b"* 2 FETCH (ENVELOPE %b BODY %b BODYSTRUCTURE %b)\r\nf OK FETCH completed\r\n"
             % tuple(str(meta[name]).encode() for name in ("ENVELOPE", "BODY", "BODYSTRUCTURE")),
         )
         self.assertEqual(self.account.opened, [])
+        self.assertEqual(self.account.detail_loads, 1)
 
     def test_damaged_cache_row_still_answers(self) -> None:
         """A message whose cached meta is lost gets NIL structures, not a failed FETCH."""
         info = self.second
-        self.inbox.messages[1] = replace(info, meta={})
+        self.inbox.metas[2] = {}
         conn = self.selected()
         self.assertEqual(
             conn.send(b"f FETCH 2 (ENVELOPE BODYSTRUCTURE)\r\n"),

@@ -39,12 +39,12 @@ class MailAccessTests(TestCase):
     def setUp(self):  # type: ignore[no-untyped-def]
         self.dir = Path(self.mktemp()).absolute()
         listeners = {name: "tcp:0:interface=127.0.0.1" for name in LISTENERS}
-        path = write_config(self.dir, listeners=listeners, max_size="3MB")
+        path = self.config_path = write_config(self.dir, listeners=listeners, max_size="3MB")
         self.server = RunningServer(path)
         add_user(self.server.config, "alice@example.test", PASSWORD, "des")
         add_user(self.server.config, "bob@example.test", PASSWORD, "sha")
         yield self.server.start()
-        self.addCleanup(self.server.stop)
+        self.addCleanup(lambda: self.server.stop())  # the server running then (a test may restart it)
         self.cafile = self.dir / "tls" / "server.pem"
         self.tls = ssl.create_default_context(cafile=str(self.cafile))
 
@@ -236,6 +236,53 @@ class MailAccessTests(TestCase):
         self.assertIn(b"APPENDUID", out["append"][1][0])  # type: ignore[index]
         self.assertIn(b"MESSAGES 1", out["status"][0])  # type: ignore[index]
         self.assertIn(b"FLAGS ()", out["flags"][0])  # type: ignore[index]  # the old 2nd is now 1, unflagged
+
+    @inlineCallbacks
+    def test_imap_after_a_restart_reads_details_from_the_index(self):  # type: ignore[no-untyped-def]
+        """A restarted server opens INBOX from its index without the header sections and metas
+        (kms.store.index.FolderDetails); ENVELOPE, header fields, header SEARCH and COPY read
+        them then and answer exactly what the server that indexed the messages answered."""
+        subjects = [b"alpha", b"beta", b"gamma"]
+
+        def deliver_all() -> None:
+            for subject in subjects:
+                self.deliver(BODY.replace(b"Subject: Gr\xc3\xbc\xc3\x9fe", b"Subject: " + subject))
+
+        def answers() -> list[object]:
+            m = self.imap()
+            m.select("INBOX")
+            out: list[object] = [
+                m.fetch("1:*", "(FLAGS RFC822.SIZE)")[1],
+                m.fetch("1:*", "(ENVELOPE BODYSTRUCTURE)")[1],
+                m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")[1],
+                m.uid("SEARCH", None, "SUBJECT", "beta")[1],
+                m.uid("SEARCH", None, "SENTSINCE", "1-Jan-2000")[1],
+            ]
+            m.logout()
+            return out
+
+        def copied() -> object:
+            m = self.imap()
+            m.select("INBOX")
+            m.copy("1:*", "Trash")
+            m.select("Trash")
+            envelopes = m.fetch("1:*", "(ENVELOPE BODYSTRUCTURE)")[1]
+            m.logout()
+            return envelopes
+
+        yield deferToThread(deliver_all)
+        before = yield deferToThread(answers)
+        envelopes = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in before[1])  # type: ignore[attr-defined]
+        self.assertIn(b'"beta"', envelopes)
+        yield self.server.stop()
+        self.server = RunningServer(self.config_path)
+        yield self.server.start()
+        after = yield deferToThread(answers)
+        self.assertEqual(after, before)
+        self.assertEqual(after[3], [b"2"])  # type: ignore[index]
+        self.assertEqual(after[4], [b"1 2 3"])  # type: ignore[index]
+        trash = yield deferToThread(copied)
+        self.assertEqual(trash, before[1])  # type: ignore[index]  # Trash was empty: the same numbers
 
     @inlineCallbacks
     def test_imap_idle_sees_smtp_delivery_and_other_sessions_expunge(self):  # type: ignore[no-untyped-def]

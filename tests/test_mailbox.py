@@ -22,16 +22,18 @@ from kms.imap.sections import Section, fetch_section
 from kms.store.index import CACHE, SNAPSHOT, UIDLIST, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
     Account,
+    DetailsNotLoaded,
     FolderEvent,
     FolderStatus,
     FolderView,
     MailboxError,
     MaildropLocked,
     MessageInfo,
+    message_info,
 )
 from kms.store.mailbox import MailStore, locate, merge_events, positions_of
 from kms.store.maildir import mailbox_path, maildir_name
-from kms.wireform import wire_form
+from kms.wireform import header_section, wire_form
 
 reactor: Any = _reactor
 ADDRESS = "alice@example.test"
@@ -81,10 +83,17 @@ class StoreCase(TestCase):
         return await (store or self.store).account(ADDRESS)
 
     async def open(
-        self, name: str = "INBOX", readonly: bool = False, store: MailStore | None = None
+        self,
+        name: str = "INBOX",
+        readonly: bool = False,
+        store: MailStore | None = None,
+        details: bool = True,
     ) -> FolderView:
+        """The folder open (closed at clean-up); with ``details``, its headers and metas readable."""
         view = await (await self.account(store)).open(name, readonly)
         self.addCleanup(view.close)
+        if details:
+            await view.details()
         return view
 
     async def refused(self, d: Deferred[Any], code: str) -> MailboxError:
@@ -587,6 +596,77 @@ class UnchangedCurTests(StoreCase):
         self.assertEqual(await self.subjects(), [(2, "two", {"\\Seen"}), (3, "three", {"work"})])
 
 
+class LazyDetailsTests(StoreCase):
+    """A cold load reads no header section or meta (`kms.store.index.FolderDetails`): the first
+    command that needs them reads them, once, for every message the load made."""
+
+    fill = UidTests.fill
+
+    async def cold(self) -> tuple[FolderView, MailStore]:
+        """INBOX (one, two, three) opened by another process, its details not read yet."""
+        await self.fill()
+        store = self.new_store()
+        return await self.open(store=store, details=False), store
+
+    async def test_unreadable_until_read(self) -> None:
+        view, _ = await self.cold()
+        with self.assertRaises(DetailsNotLoaded):
+            _ = view.messages[0].meta
+        with self.assertRaises(DetailsNotLoaded):
+            _ = view.messages[1].headers
+        self.assertEqual([m.flags for m in view.messages], [{"\\Seen", "work"}, set(), set()])
+        await view.details()
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+        self.assertIn(b"Subject: two", view.messages[1].headers)
+        self.assertEqual(view.messages[2].headers, header_section(wire_form(message("three"))))
+
+    async def test_read_once_and_kept_through_flag_changes(self) -> None:
+        view, store = await self.cold()
+        other = await self.open(store=store, details=False)
+        await view.store([1, 2], ["\\Flagged"], "+")  # new infos, the same (unread) details
+        await view.details()
+        again = other.details()
+        self.assertTrue(again.called)  # nothing left to read: no thread hop
+        await again
+        other.sync()
+        self.assertEqual([(m.meta["subject"], "\\Flagged" in m.flags) for m in other.messages],
+                         [("one", True), ("two", True), ("three", False)])  # fmt: skip
+
+    async def test_expunged_before_read(self) -> None:
+        """A message another session expunged before the details were read (row and file gone)
+        has an empty header section and no meta; the others are read as ever."""
+        view, store = await self.cold()
+        other = await self.open(store=store, details=False)
+        await other.store([2], ["\\Deleted"], "+")
+        self.assertEqual(list(await other.expunge()), [2])
+        await view.details()
+        self.assertEqual([m.uid for m in view.messages], [1, 2, 3])  # not synced yet
+        self.assertEqual((view.messages[1].headers, dict(view.messages[1].meta)), (b"", {}))
+        self.assertEqual(view.messages[2].meta["subject"], "three")
+
+    async def test_row_missing_from_the_cache_is_read_from_the_file(self) -> None:
+        view, _ = await self.cold()
+        db = sqlite3.connect(self.root / CACHE)
+        with db:
+            db.execute("DELETE FROM messages WHERE uid = 1")
+        db.close()
+        await view.details()
+        self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
+
+    async def test_copy_and_rename_inbox_carry_unread_details(self) -> None:
+        view, store = await self.cold()
+        account = await self.account(store)
+        await account.create("Archive")
+        await view.copy([1, 3], "Archive")
+        archive = await self.open("Archive", store=self.new_store())
+        self.assertEqual([m.meta["subject"] for m in archive.messages], ["one", "three"])
+        view.close()
+        fresh = await self.account(self.new_store())
+        await fresh.rename("INBOX", "Old")
+        old = await self.open("Old", store=self.new_store())
+        self.assertEqual([m.meta["subject"] for m in old.messages], ["one", "two", "three"])
+
+
 class SnapshotTests(StoreCase):
     """A folder leaving memory leaves a snapshot of itself (`kms.store.index.encode_snapshot`),
     and the next cold load takes it instead of the cache's rows, but only while it describes
@@ -611,6 +691,7 @@ class SnapshotTests(StoreCase):
         try:
             loaded = files.load()
             used = bool(files._snapshot_key)
+            files.fill_details(loaded.details, loaded.names)
         finally:
             files.close()
         rows = [
@@ -919,7 +1000,7 @@ class ViewTests(StoreCase):
 
     def test_merge_events_relative_to_snapshot(self) -> None:
         def info(uid: int, *flags: str) -> MessageInfo:
-            return MessageInfo(uid, 1, 0.0, frozenset(flags), b"", {})
+            return message_info(uid, 1, 0.0, frozenset(flags), b"", {})
 
         asked: list[set[int]] = []
 
@@ -944,7 +1025,7 @@ class ViewTests(StoreCase):
     @given(st.sets(st.integers(1, 300), max_size=150), st.lists(st.integers(0, 320), max_size=40))
     def test_positions_of(self, present: set[int], uids: list[int]) -> None:
         """The same ascending positions whether it searches for each UID or walks the list."""
-        messages = [MessageInfo(uid, 1, 0.0, frozenset(), b"", {}) for uid in sorted(present)]
+        messages = [message_info(uid, 1, 0.0, frozenset(), b"", {}) for uid in sorted(present)]
         expected = [i for i, info in enumerate(messages) if info.uid in set(uids)]
         self.assertEqual(positions_of(messages, uids), expected)
         self.assertEqual(locate(messages, uids), {messages[i].uid: i for i in expected})

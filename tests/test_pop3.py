@@ -52,7 +52,7 @@ from kms.pop3.commands import (
     top,
 )
 from kms.pop3.server import BACKLOG_LIMIT, POP3Factory, POP3Server, POP3Settings
-from kms.store.interfaces import MailboxError, MaildropLocked, MessageInfo
+from kms.store.interfaces import MailboxError, MaildropLocked, MessageInfo, message_info
 from kms.store.mailbox import MailStore
 from kms.store.maildir import mailbox_path
 
@@ -78,7 +78,7 @@ def b64(data: bytes) -> bytes:
 
 
 def info(uid: int, data: bytes, flags: frozenset[str] = frozenset()) -> MessageInfo:
-    return MessageInfo(uid=uid, size=len(data), internal_date=0.0, flags=flags, headers=b"", meta={})
+    return message_info(uid=uid, size=len(data), internal_date=0.0, flags=flags, headers=b"", meta={})
 
 
 # --- doubles -------------------------------------------------------------------------------------

@@ -114,6 +114,10 @@ class FetchPlan:
         names = [item for item in items if isinstance(item, str)]
         bodies = list(dict.fromkeys(item for item in items if isinstance(item, BodyFetch)))
         self.needs_body = any(not _from_header(item) for item in bodies)
+        # the cached header section or meta: readable once `FolderView.details` completed
+        self.needs_details = any(map(_from_header, bodies)) or any(
+            name in ("ENVELOPE", "BODY", "BODYSTRUCTURE") for name in names
+        )
         self._uid = uid or "UID" in names
         self._flags = sets_seen or "FLAGS" in names
         self._items: list[Callable[[MessageInfo, bytes | None], bytes]] = []

@@ -212,6 +212,23 @@ def needs_body(program: Program) -> bool:
     return False
 
 
+_DETAIL_KEYS = frozenset("SENTBEFORE SENTON SENTSINCE HEADER FROM TO CC BCC SUBJECT".split())
+
+
+def needs_details(program: Program) -> bool:
+    """Whether matching reads the cached header section or meta (header keys, SENT*): only then
+    must the server make them readable (`FolderView.details`)."""
+    if isinstance(program, Key):
+        return program.name in _DETAIL_KEYS
+    if isinstance(program, And):
+        return any(map(needs_details, program.keys))
+    if isinstance(program, Or):
+        return needs_details(program.left) or needs_details(program.right)
+    if isinstance(program, Not):
+        return needs_details(program.key)
+    return False
+
+
 # --- decoding ------------------------------------------------------------------------------------
 
 _CTE = b"content-transfer-encoding"

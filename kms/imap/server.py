@@ -81,7 +81,7 @@ from kms.imap.parser import (
     tag_of,
     tokenize,
 )
-from kms.imap.search import Program, SearchContext, matches, needs_body, parse_search
+from kms.imap.search import Program, SearchContext, matches, needs_body, needs_details, parse_search
 from kms.limits import REFUSAL_TEXT, Verdict
 from kms.positions import delete_positions
 from kms.store.interfaces import (
@@ -1151,6 +1151,8 @@ class IMAPServer(Protocol):
         problems: list[int],
     ) -> Iterator[Deferred[Any] | None]:
         view = self._selected_view()
+        if plan.needs_details:
+            yield view.details()
         messages = view.messages
         indices = chain.from_iterable(range(a, b) for a, b in ranges)
         batches = (
@@ -1230,6 +1232,8 @@ class IMAPServer(Protocol):
 
     def _search_work(self, program: Program, uid: bool, found: list[int]) -> Iterator[Deferred[Any] | None]:
         view = self._selected_view()
+        if needs_details(program):
+            yield view.details()
         messages = view.messages
         max_uid = messages[-1].uid if messages else 0
         now = self._clock.seconds()

@@ -38,7 +38,7 @@ import zlib
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
 from pathlib import Path
@@ -47,7 +47,15 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from kms.fsutil import fsync_dir, replace_file, write_all
-from kms.store.interfaces import SYSTEM_FLAGS, Analyzer, MailboxError, MessageInfo
+from kms.store.interfaces import (
+    SYSTEM_FLAGS,
+    Analyzer,
+    DetailsNotLoaded,
+    MailboxError,
+    MessageDetails,
+    MessageInfo,
+    message_info,
+)
 from kms.store.maildir import ensure_maildir, maildir_name
 from kms.wireform import header_section, wire_form
 
@@ -159,15 +167,13 @@ class _Unfrozen:
         size: int,
         internal_date: float,
         flags: frozenset[str],
-        headers: bytes,
-        meta: Mapping[str, object],
+        details: MessageDetails,
     ) -> None:
         self.uid = uid
         self.size = size
         self.internal_date = internal_date
         self.flags = flags
-        self.headers = headers
-        self.meta = meta
+        self.details = details
 
 
 def _fast_info(
@@ -175,13 +181,12 @@ def _fast_info(
     size: int,
     internal_date: float,
     flags: frozenset[str],
-    headers: bytes,
-    meta: Mapping[str, object],
+    details: MessageDetails,
 ) -> MessageInfo:
-    """``MessageInfo(uid, size, internal_date, flags, headers, meta)``, the same object, made
-    without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): about
-    2.5 times cheaper, which a cold SELECT of 10,000 messages notices."""
-    info = _Unfrozen(uid, size, internal_date, flags, headers, meta)
+    """``MessageInfo(uid, size, internal_date, flags, details)``, the same object, made without
+    the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): about 2.5 times
+    cheaper, which a cold SELECT of 10,000 messages notices."""
+    info = _Unfrozen(uid, size, internal_date, flags, details)
     info.__class__ = MessageInfo  # type: ignore[assignment]
     return info  # type: ignore[return-value]
 
@@ -384,6 +389,45 @@ class LazyMeta(Mapping[str, object]):
         return f"LazyMeta({self.raw!r})"
 
 
+_NO_HEADERS = b""
+_NO_META = LazyMeta("{}")
+
+
+class FolderDetails:
+    """The header sections and metas of the messages a cold load took from the index (one object
+    shared by all their infos): read from the cache only when a command first needs them
+    (`FolderFiles.fill_details`), so a SELECT reads ~80 bytes a message instead of ~1 KiB.
+    Headers and meta never change once a message is indexed, so reading them later is reading
+    the same thing.  A message expunged before they were read (its row and file gone) answers
+    an empty header section and no meta, as a damaged row does."""
+
+    __slots__ = ("_headers", "_metas")
+
+    def __init__(self) -> None:
+        self._headers: dict[int, bytes] | None = None
+        self._metas: dict[int, Mapping[str, object]] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._metas is not None
+
+    def fill(self, headers: dict[int, bytes], metas: dict[int, Mapping[str, object]]) -> None:
+        self._headers = headers
+        self._metas = metas  # last: `loaded` looks at it
+
+    def headers_of(self, uid: int) -> bytes:
+        headers = self._headers
+        if headers is None:
+            raise DetailsNotLoaded("message details read before FolderView.details()")
+        return headers.get(uid, _NO_HEADERS)
+
+    def meta_of(self, uid: int) -> Mapping[str, object]:
+        metas = self._metas
+        if metas is None:
+            raise DetailsNotLoaded("message details read before FolderView.details()")
+        return metas.get(uid, _NO_META)
+
+
 class _GcPaused:
     """``with`` block with the cyclic garbage collector off: a cold load makes ~40,000 objects for
     10,000 messages (none of them cycles), and each 700 allocations would otherwise start a
@@ -480,6 +524,7 @@ class Loaded:
     recent: list[int]  # UIDs given by this load
     unseen: int  # `flag_tally` of ``infos``, worked out in the thread
     deleted: list[int]
+    details: FolderDetails  # of the infos taken from the cache (not yet read)
 
 
 # --- blocking side ------------------------------------------------------------------------------
@@ -524,11 +569,13 @@ INSERT INTO messages_v2 SELECT uid, size, date, headers, meta FROM messages;
 DROP TABLE messages;
 ALTER TABLE messages_v2 RENAME TO messages;
 """
+# What a load reads per message; the header section and meta (~90 % of a row's bytes) are read
+# later, and only if a command needs them (`FolderDetails`).
 _SELECT_ROWS = (
-    "SELECT m.uid, s.name, m.size, m.date, s.keywords, m.headers, m.meta"
-    " FROM messages AS m JOIN state AS s ON s.uid = m.uid ORDER BY m.uid"
+    "SELECT m.uid, s.name, m.size, m.date, s.keywords FROM messages AS m JOIN state AS s ON s.uid = m.uid"
+    " ORDER BY m.uid"
 )
-Row = tuple[int, str, int, float, str, bytes, str]
+Row = tuple[int, str, int, float, str]
 
 
 @dataclass(frozen=True)
@@ -640,6 +687,15 @@ class IndexCache:
         except sqlite3.DatabaseError as e:
             self._reopen(e)
             return None
+
+    def details(self) -> tuple[list[int], list[bytes], list[str]]:
+        """The UIDs, header sections and meta texts of every row (`FolderDetails`); errors are
+        the caller's: the folder is open, and a cache that fails now is not reset under it."""
+        rows = self._db.execute("SELECT uid, headers, meta FROM messages").fetchall()
+        if not rows:
+            return [], [], []
+        uids, headers, metas = zip(*rows, strict=True)
+        return list(uids), list(headers), list(metas)
 
     def names(self) -> list[str] | None:
         """Every cached file name (None, and a fresh cache, if it cannot be read)."""
@@ -757,53 +813,47 @@ _INFO_SLOTS = [MessageInfo.__dict__[name] for name in MessageInfo.__slots__]
 _META_SLOTS = [LazyMeta.__dict__[name] for name in LazyMeta.__slots__]
 
 
-def _build_infos(
-    uids: Iterable[int],
-    sizes: Iterable[int],
-    dates: Iterable[float],
-    flags: Iterable[frozenset[str]],
-    headers: Iterable[bytes],
-    metas: Sequence[str],
-) -> list[MessageInfo]:
-    """`MessageInfo`s (with `LazyMeta`s) from columns, made column by column with C-level calls
-    only (``object.__new__`` and the slots' own setters, which a frozen class's ``__setattr__``
-    does not see): no Python frame per message, which is most of a cold SELECT's object cost."""
-    count = len(metas)
-    lazy = list(map(object.__new__, itertools.repeat(LazyMeta, count)))
+def _lazy_metas(texts: Sequence[str]) -> list[LazyMeta]:
+    """`LazyMeta`s of meta texts, made with C-level calls only (as `_made_infos`)."""
+    lazy = list(map(object.__new__, itertools.repeat(LazyMeta, len(texts))))
     nothing = itertools.repeat(None)
-    meta_columns: tuple[Iterable[object], ...] = (metas, nothing, nothing)
+    meta_columns: tuple[Iterable[object], ...] = (texts, nothing, nothing)
     for slot, column in zip(_META_SLOTS, meta_columns, strict=True):
         deque(map(slot.__set__, lazy, column), maxlen=0)
-    return _made_infos(count, (uids, sizes, dates, flags, headers, lazy))
+    return lazy
 
 
 def _made_infos(count: int, columns: tuple[Iterable[object], ...]) -> list[MessageInfo]:
-    """``count`` `MessageInfo`s from one column per slot, in slot order, by C-level calls only."""
+    """``count`` `MessageInfo`s from one column per slot, in slot order, made column by column
+    with C-level calls only (``object.__new__`` and the slots' own setters, which a frozen
+    class's ``__setattr__`` does not see): no Python frame per message, which is most of a cold
+    SELECT's object cost."""
     infos = list(map(object.__new__, itertools.repeat(MessageInfo, count)))
     for slot, column in zip(_INFO_SLOTS, columns, strict=True):
         deque(map(slot.__set__, infos, column), maxlen=0)
     return infos
 
 
-def _as_cached(rows: list[Row]) -> tuple[list[MessageInfo], dict[int, str]]:
+def _as_cached(rows: list[Row], details: FolderDetails) -> tuple[list[MessageInfo], dict[int, str]]:
     """The infos (UID order) and file names of cached rows taken as they are: a cold SELECT of
     a folder whose ``cur/`` has not changed (and has no current snapshot) comes down to this."""
     if not rows:
         return [], {}
-    uids, names, sizes, dates, keywords, headers, metas = zip(*rows, strict=True)
+    uids, names, sizes, dates, keywords = zip(*rows, strict=True)
     flags = list(map(message_flags, names, keywords))
-    return _build_infos(uids, sizes, dates, flags, headers, metas), dict(zip(uids, names, strict=True))
+    infos = _made_infos(len(uids), (uids, sizes, dates, flags, itertools.repeat(details)))
+    return infos, dict(zip(uids, names, strict=True))
 
 
 # The snapshot (``kms-snapshot``): one folder's rows as columns, for a cold load in a few C-level
 # calls instead of a row tuple per message from SQLite.  A header (magic, format, the Python
 # minor version whose `marshal` wrote it, the `CacheState.snapshot_key` of the content, the
 # count, a CRC-32 of the rest), then one `marshal`ed tuple: UIDs, sizes, dates and flag-set
-# numbers as machine arrays, the flag sets, the file names joined by newlines, the header
-# sections and the `meta_text`s.  It is only ever a faster copy of the cache: any doubt means
-# the rows.
+# numbers as machine arrays, the flag sets, and the file names joined by newlines (format 1
+# also held the header sections and metas, which a load no longer reads).  It is only ever a
+# faster copy of the cache: any doubt means the rows.
 _SNAPSHOT_MAGIC = b"kms-snap"
-_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_FORMAT = 2
 _SNAPSHOT_HEAD = struct.Struct("<8sHH6QQI")
 
 
@@ -818,8 +868,6 @@ def encode_snapshot(key: Sequence[int], infos: Sequence[MessageInfo], names: Map
         numbers.tobytes(),
         [sorted(flags) for flags in sets],
         "\n".join([names[info.uid] for info in infos]),
-        [info.headers for info in infos],
-        [meta_text(info.meta) for info in infos],
     )
     payload = marshal.dumps(columns, 4)
     head = _SNAPSHOT_HEAD.pack(
@@ -828,9 +876,11 @@ def encode_snapshot(key: Sequence[int], infos: Sequence[MessageInfo], names: Map
     return head + payload
 
 
-def decode_snapshot(data: bytes, key: Sequence[int]) -> tuple[list[MessageInfo], dict[int, str]] | None:
-    """The infos and file names of a snapshot written for cache content ``key``; None when it is
-    for other content, another format or Python, or damaged in any way."""
+def decode_snapshot(
+    data: bytes, key: Sequence[int], details: FolderDetails
+) -> tuple[list[MessageInfo], dict[int, str]] | None:
+    """The infos (their details from ``details``) and file names of a snapshot written for cache
+    content ``key``; None when it is for other content, another format or Python, or damaged."""
     if len(data) < _SNAPSHOT_HEAD.size:
         return None
     magic, version, minor, *found, count, crc = _SNAPSHOT_HEAD.unpack_from(data)
@@ -840,17 +890,18 @@ def decode_snapshot(data: bytes, key: Sequence[int]) -> tuple[list[MessageInfo],
     if found != list(key) or zlib.crc32(payload) != crc:
         return None
     try:
-        uid_bytes, size_bytes, date_bytes, number_bytes, sets, joined, headers, metas = marshal.loads(payload)
+        uid_bytes, size_bytes, date_bytes, number_bytes, sets, joined = marshal.loads(payload)
         uids, sizes, numbers = array("Q", uid_bytes), array("Q", size_bytes), array("I", number_bytes)
         dates = array("d", date_bytes)
         flag_sets = [_interned(frozenset(flags)) for flags in sets]
         names = joined.split("\n") if count else []
-        if not all(len(c) == count for c in (uids, sizes, dates, numbers, names, headers, metas)):
+        if not all(len(c) == count for c in (uids, sizes, dates, numbers, names)):
             return None
         flags = list(map(flag_sets.__getitem__, numbers))
     except (ValueError, EOFError, TypeError, IndexError, AttributeError):
         return None  # cannot happen past the CRC unless written by something else: the rows then
-    return _build_infos(uids, sizes, dates, flags, headers, metas), dict(zip(uids, names, strict=True))
+    infos = _made_infos(count, (uids, sizes, dates, flags, itertools.repeat(details)))
+    return infos, dict(zip(uids, names, strict=True))
 
 
 class FolderFiles:
@@ -872,6 +923,7 @@ class FolderFiles:
         self._uidlist_size = 0
         self._spare: tuple[int, str] | None = None  # (fd, name in tmp/) from `prepare_append`
         self._snapshot_key: tuple[int, ...] = ()  # of the SNAPSHOT on disk, when this load read it
+        self._details = FolderDetails()  # of the last load's infos from the cache
         self.uidvalidity = 0
         self.uidnext = 1
 
@@ -897,6 +949,7 @@ class FolderFiles:
         self.close()
         self._cache = cache = IndexCache(self.path / CACHE)
         self._cache_ok = True
+        self._details = FolderDetails()
         state = cache.state()
         stamp = directory_stamp(os.stat(self.path / "cur"), time.time_ns())
         cached = self._read_snapshot(state, stamp) if snapshot and state.uidvalidity else None
@@ -921,7 +974,7 @@ class FolderFiles:
             return self._load(snapshot=False)
         unknown: dict[str, str] = {}
         if shortcut:
-            infos, names = cached if cached is not None else _as_cached(rows)
+            infos, names = cached if cached is not None else _as_cached(rows, self._details)
             self._snapshot_key = state.snapshot_key() if cached is not None else ()
             listed = list(names.values())
         else:
@@ -941,7 +994,7 @@ class FolderFiles:
         if self._cache_ok and (not shortcut or mark != (state.inode, state.absorbed)):
             self._cache_do(lambda: cache.insert([], mark=mark, cur=record))
         recent = [e.info.uid for e in fresh]
-        return Loaded(self.uidvalidity, self.uidnext, infos, names, recent, *flag_tally(infos))
+        return Loaded(self.uidvalidity, self.uidnext, infos, names, recent, *flag_tally(infos), self._details)
 
     def _reconcile(
         self, rows: list[Row], uids: dict[str, int], trusted: bool, listed: list[str]
@@ -959,15 +1012,16 @@ class FolderFiles:
         # is still there (and the log agrees).
         flags_of = _flags_of
         make = _fast_info
+        details = self._details
         for row in rows:
-            uid, name, size, date, keywords, headers, meta = row
+            uid, name, size, date, keywords = row
             if name in present and (trusted or uids.get(split_name(name)[0]) == uid):
                 present.discard(name)
                 _, sep, letters = name.rpartition(INFO)
                 flags = flags_of.get((letters if sep else "", keywords))
                 if flags is None:
                     flags = message_flags(name, keywords)
-                infos.append(make(uid, size, date, flags, headers, LazyMeta(meta)))
+                infos.append(make(uid, size, date, flags, details))
                 names[uid] = name
             else:
                 stale.append(row)
@@ -975,14 +1029,14 @@ class FolderFiles:
         cur = {split_name(n)[0]: n for n in present}
         dead: list[int] = []
         found: list[Entry] = []
-        for uid, name, size, date, keywords, headers, meta in stale:
+        for uid, name, size, date, keywords in stale:
             base = split_name(name)[0]
             current = cur.pop(base, None)
             if current is None or not (trusted or uids.get(base) == uid):
                 dead.append(uid)
             else:
                 flags = message_flags(current, keywords)
-                found.append(Entry(MessageInfo(uid, size, date, flags, headers, LazyMeta(meta)), current))
+                found.append(Entry(MessageInfo(uid, size, date, flags, details), current))
         if dead:
             self._cache_do(lambda: cache.delete(dead))
         if found:
@@ -1001,6 +1055,26 @@ class FolderFiles:
             infos.sort(key=uid_of)
         return infos, names, {b: n for b, n in cur.items() if b not in uids}
 
+    def fill_details(self, details: FolderDetails, names: Mapping[int, str]) -> None:
+        """Read the header sections and metas of a load's infos (``details``, `FolderDetails`)
+        from the cache, once.  A message of the folder (``names``: UID → file, the folder's, not
+        changing while its lock is held) without a row, after a failed cache write, is read and
+        analysed again; one expunged meanwhile has neither and stays without."""
+        if details.loaded:
+            return
+        try:
+            uids, headers, texts = self._db().details()
+        except sqlite3.DatabaseError as e:
+            log.warn("index cache {path} unreadable, reading the messages: {error}", path=self.path, error=e)
+            uids, headers, texts = [], [], []
+        found = dict(zip(uids, headers, strict=True))
+        metas: dict[int, Mapping[str, object]] = dict(zip(uids, _lazy_metas(texts), strict=True))
+        for uid in [uid for uid in names if uid not in found]:
+            entry = self._analysed(uid, "cur", names[uid])
+            if entry is not None:
+                found[uid], metas[uid] = entry.info.headers, entry.info.meta
+        details.fill(found, metas)
+
     def _read_snapshot(
         self, state: CacheState, stamp: tuple[int, int]
     ) -> tuple[list[MessageInfo], dict[int, str]] | None:
@@ -1016,7 +1090,7 @@ class FolderFiles:
             data = read_large_file(os.path.join(self.path, SNAPSHOT))
         except FileNotFoundError:
             return None
-        return decode_snapshot(data, state.snapshot_key())
+        return decode_snapshot(data, state.snapshot_key(), self._details)
 
     def retire(self, infos: Sequence[MessageInfo], names: Mapping[int, str]) -> None:
         """Close, first leaving a `SNAPSHOT` of the folder as the reactor holds it (``infos`` in
@@ -1136,7 +1210,7 @@ class FolderFiles:
             log.failure("analyzer failed on {path}; indexed without meta", path=self.path / "cur" / name)
             meta = "{}"
         flags = message_flags(name, keywords)
-        return Entry(MessageInfo(uid, len(wire), date, flags, header_section(wire), LazyMeta(meta)), name)
+        return Entry(message_info(uid, len(wire), date, flags, header_section(wire), LazyMeta(meta)), name)
 
     # -- changes
 
@@ -1186,8 +1260,9 @@ class FolderFiles:
 
     def import_files(self, sources: Sequence[tuple[Path, Entry]], move: bool) -> list[tuple[int, Entry]]:
         """COPY (hard links; a real copy where links are impossible) or, with ``move``, renames
-        (RENAME INBOX).  Flags, internal date and cached metadata come along; sources that vanished
-        meanwhile are skipped.  Returns (source uid, new entry) pairs."""
+        (RENAME INBOX).  Flags, internal date and cached metadata come along (the sources' details
+        must be readable: `fill_details`); sources that vanished meanwhile are skipped.  Returns
+        (source uid, new entry) pairs."""
         placed: list[tuple[Entry, str, str]] = []  # (source entry, base, file name)
         try:
             for source, old in sources:
@@ -1203,7 +1278,7 @@ class FolderFiles:
                 return []
             fsync_dir(self.path / "cur")
             made = [
-                (old.info.uid, Entry(replace(old.info, uid=self.uidnext + i), final))
+                (old.info.uid, Entry(_copied(old.info, self.uidnext + i), final))
                 for i, (old, _, final) in enumerate(placed)
             ]
             self._append_uids([(e.info.uid, base) for (_, e), (_, base, _) in zip(made, placed, strict=True)])
@@ -1396,6 +1471,11 @@ class FolderFiles:
         except sqlite3.Error as e:
             self._cache_ok = False
             log.warn("index cache {path} write failed: {error}", path=self.path / CACHE, error=e)
+
+
+def _copied(info: MessageInfo, uid: int) -> MessageInfo:
+    """``info`` as message ``uid`` of another folder: its details travel with it, read out."""
+    return message_info(uid, info.size, info.internal_date, info.flags, info.headers, info.meta)
 
 
 def uid_of(info: MessageInfo) -> int:

@@ -34,6 +34,34 @@ class MaildropLocked(Exception):
     """POP3: another session holds this user's maildrop (RFC 2449 ``[IN-USE]``)."""
 
 
+class MessageDetails(Protocol):
+    """Where a message's header section and analyzer ``meta`` are read from: the message's own
+    (`KnownDetails`), or its folder's, which a cold load leaves on disk until a command needs them
+    (`FolderView.details`), as a folder's SELECT needs only UIDs, sizes, dates and flags."""
+
+    def headers_of(self, uid: int) -> bytes: ...
+
+    def meta_of(self, uid: int) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KnownDetails:
+    """The details of one message, at hand (a message just analysed, or copied)."""
+
+    headers: bytes
+    meta: Mapping[str, object]
+
+    def headers_of(self, uid: int) -> bytes:
+        return self.headers
+
+    def meta_of(self, uid: int) -> Mapping[str, object]:
+        return self.meta
+
+
+class DetailsNotLoaded(RuntimeError):
+    """``headers`` or ``meta`` read before `FolderView.details` completed: a programming error."""
+
+
 @dataclass(frozen=True, slots=True)
 class MessageInfo:
     """One message as the index knows it; immutable (a flag change makes a new one).  Slots: a
@@ -43,14 +71,35 @@ class MessageInfo:
     returned for the message when it was indexed: JSON-able values such as the ENVELOPE and
     BODYSTRUCTURE, cached in the index so FETCH and SEARCH never re-read the file.  ``headers``
     is the raw header section in wire form, for BODY.PEEK[HEADER.FIELDS] and header SEARCH.
+    Both come through ``details``: for a folder opened from its index they are readable only
+    after `FolderView.details` (else `DetailsNotLoaded`).
     """
 
     uid: int
     size: int  # wire size (CRLF line endings)
     internal_date: float  # seconds since the epoch
     flags: frozenset[str]
-    headers: bytes
-    meta: Mapping[str, object]
+    details: MessageDetails
+
+    @property
+    def headers(self) -> bytes:
+        return self.details.headers_of(self.uid)
+
+    @property
+    def meta(self) -> Mapping[str, object]:
+        return self.details.meta_of(self.uid)
+
+
+def message_info(
+    uid: int,
+    size: int,
+    internal_date: float,
+    flags: frozenset[str],
+    headers: bytes,
+    meta: Mapping[str, object],
+) -> MessageInfo:
+    """A `MessageInfo` whose details are at hand."""
+    return MessageInfo(uid, size, internal_date, flags, KnownDetails(headers, meta))
 
 
 @dataclass(frozen=True)
@@ -105,6 +154,11 @@ class FolderView(Protocol):
     def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """Several messages in wire form, by UID, read in one thread-pool job (FETCH of bodies);
         messages expunged meanwhile are left out."""
+
+    def details(self) -> Deferred[None]:
+        """Make ``headers`` and ``meta`` readable for every message this view holds: the first
+        call after a folder was opened from its index reads them in the thread pool (ENVELOPE,
+        header FETCH and SEARCH need them; SELECT, FLAGS, STORE and bodies do not)."""
 
     def close(self) -> None:
         """The session leaves the folder (also on disconnect); releases a POP3 maildrop lock."""

@@ -56,6 +56,7 @@ from kms.positions import delete_positions
 from kms.store.index import (
     Counts,
     Entry,
+    FolderDetails,
     FolderFiles,
     Loaded,
     UidValidities,
@@ -336,6 +337,7 @@ class _Folder:
         self.unseen = 0  # messages without \Seen (kept up to date by `_tally`)
         self.doomed: set[int] = set()  # UIDs of the messages with \Deleted (likewise)
         self.views: set[_View] = set()
+        self.details: FolderDetails | None = None  # of the infos the load took from the cache
         self._refresh_queued = False
 
     @property
@@ -369,7 +371,16 @@ class _Folder:
         self.messages, self.names = loaded.infos, loaded.names
         self.unseen, self.doomed = loaded.unseen, set(loaded.deleted)
         self.recent.update(loaded.recent)
+        self.details = loaded.details
         self.loaded = True
+
+    def load_details(self) -> Deferred[None]:
+        """Make every info's ``headers`` and ``meta`` readable (`FolderDetails`), reading them
+        from the cache the first time (``names`` does not change while the lock is held)."""
+        details = self.details
+        if details is None or details.loaded:
+            return succeed(None)
+        return self.store.run(self.files.fill_details, details, self.names)
 
     def _tally(self, infos: Iterable[MessageInfo], sign: int) -> None:
         """``infos`` joined (+1) or left (-1) the folder: the counts follow, at no cost per message
@@ -597,12 +608,13 @@ class _View:
         source = self._folder
         store = source.store
 
-        def work() -> Deferred[tuple[int, Sequence[tuple[int, int]]]]:
-            return destination.ensure_loaded().addErrback(_trycreate).addCallback(place)
-
         def place(_: None) -> Deferred[tuple[int, Sequence[tuple[int, int]]]]:
             sources = [(source.path / "cur" / e.name, e) for e in source.entries(uids)]
             return store.run(destination.files.import_files, sources, False).addCallback(copied)
+
+        def work() -> Deferred[tuple[int, Sequence[tuple[int, int]]]]:
+            d = source.load_details().addCallback(lambda _: destination.ensure_loaded())
+            return d.addErrback(_trycreate).addCallback(place)
 
         def copied(made: list[tuple[int, Entry]]) -> tuple[int, Sequence[tuple[int, int]]]:
             destination.add([e for _, e in made])
@@ -659,6 +671,15 @@ class _View:
             return folder.store.locked([folder], lambda: read(vanished, attempt + 1))
 
         return read(uids, 0)
+
+    def details(self) -> Deferred[None]:
+        folder = self._folder
+        if folder.details is None or folder.details.loaded:
+            return succeed(None)
+        refused = self._refused(write=False)
+        if refused:
+            return refused
+        return folder.store.locked([folder], folder.load_details)
 
     def close(self) -> None:
         if self._closed:
@@ -837,7 +858,8 @@ class _Account:
             destination = self.store.folder(target_path, target)
 
             def work() -> Deferred[None]:
-                return inbox.fresh().addCallback(lambda _: destination.ensure_loaded()).addCallback(move)
+                d = inbox.fresh().addCallback(lambda _: inbox.load_details())
+                return d.addCallback(lambda _: destination.ensure_loaded()).addCallback(move)
 
             def move(_: None) -> Deferred[None]:
                 sources = [(inbox.path / "cur" / e.name, e) for e in inbox.entries(inbox.names)]
