@@ -211,10 +211,12 @@ class FakeView:
             return d
         return succeed(body)
 
-    def details(self) -> Deferred[None]:
-        if not self.folder.details.loaded:
+    def details(self, uids: Iterable[int]) -> Deferred[None]:
+        missing = self.folder.details.missing(uids)
+        if missing:
             self.account.detail_loads += 1
-            self.folder.details.fill(self.folder.headers, self.folder.metas)
+            headers = {uid: self.folder.headers[uid] for uid in missing}
+            self.folder.details.add((headers, {uid: self.folder.metas[uid] for uid in missing}), whole=False)
         return succeed(None)
 
     def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:

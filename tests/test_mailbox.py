@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
+from kms.store import mailbox as mailbox_module
 from kms.store.index import CACHE, SNAPSHOT, UIDLIST, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
     Account,
@@ -93,7 +94,7 @@ class StoreCase(TestCase):
         view = await (await self.account(store)).open(name, readonly)
         self.addCleanup(view.close)
         if details:
-            await view.details()
+            await view.details([m.uid for m in view.messages])
         return view
 
     async def refused(self, d: Deferred[Any], code: str) -> MailboxError:
@@ -615,7 +616,11 @@ class LazyDetailsTests(StoreCase):
         with self.assertRaises(DetailsNotLoaded):
             _ = view.messages[1].headers
         self.assertEqual([m.flags for m in view.messages], [{"\\Seen", "work"}, set(), set()])
-        await view.details()
+        await view.details([2, 3])  # only these: a FETCH of the newest messages reads just theirs
+        self.assertEqual(view.messages[1].meta["subject"], "two")
+        with self.assertRaises(DetailsNotLoaded):
+            _ = view.messages[0].meta
+        await view.details([1, 2, 3])
         self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
         self.assertIn(b"Subject: two", view.messages[1].headers)
         self.assertEqual(view.messages[2].headers, header_section(wire_form(message("three"))))
@@ -624,13 +629,20 @@ class LazyDetailsTests(StoreCase):
         view, store = await self.cold()
         other = await self.open(store=store, details=False)
         await view.store([1, 2], ["\\Flagged"], "+")  # new infos, the same (unread) details
-        await view.details()
-        again = other.details()
+        await view.details([1, 2, 3])
+        again = other.details([1, 2, 3])
         self.assertTrue(again.called)  # nothing left to read: no thread hop
         await again
         other.sync()
         self.assertEqual([(m.meta["subject"], "\\Flagged" in m.flags) for m in other.messages],
                          [("one", True), ("two", True), ("three", False)])  # fmt: skip
+
+    async def test_many_at_once_read_the_whole_folder(self) -> None:
+        self.patch(mailbox_module, "_DETAILS_BY_UID", 1)
+        view, _ = await self.cold()
+        await view.details([2, 3])  # more than _DETAILS_BY_UID: every message's, in one query
+        self.assertEqual(view.messages[0].meta["subject"], "one")
+        self.assertTrue(view.details([1, 2, 3]).called)  # complete: no lock, no thread hop
 
     async def test_expunged_before_read(self) -> None:
         """A message another session expunged before the details were read (row and file gone)
@@ -639,7 +651,7 @@ class LazyDetailsTests(StoreCase):
         other = await self.open(store=store, details=False)
         await other.store([2], ["\\Deleted"], "+")
         self.assertEqual(list(await other.expunge()), [2])
-        await view.details()
+        await view.details([1, 2, 3])
         self.assertEqual([m.uid for m in view.messages], [1, 2, 3])  # not synced yet
         self.assertEqual((view.messages[1].headers, dict(view.messages[1].meta)), (b"", {}))
         self.assertEqual(view.messages[2].meta["subject"], "three")
@@ -650,7 +662,7 @@ class LazyDetailsTests(StoreCase):
         with db:
             db.execute("DELETE FROM messages WHERE uid = 1")
         db.close()
-        await view.details()
+        await view.details([1, 2, 3])
         self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
 
     async def test_copy_and_rename_inbox_carry_unread_details(self) -> None:
@@ -691,7 +703,7 @@ class SnapshotTests(StoreCase):
         try:
             loaded = files.load()
             used = bool(files._snapshot_key)
-            files.fill_details(loaded.details, loaded.names)
+            loaded.details.add(files.read_details(None, loaded.names), whole=True)
         finally:
             files.close()
         rows = [

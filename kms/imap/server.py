@@ -28,6 +28,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
+from operator import attrgetter
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -114,6 +115,7 @@ _CAPABILITIES = (
 )
 
 _log = Logger()
+_uid_of = attrgetter("uid")
 
 Result = tuple[str, str, str]  # status ("OK", "NO", "BAD"), response code, text
 Reply = Result | Deferred[Result]
@@ -1151,9 +1153,9 @@ class IMAPServer(Protocol):
         problems: list[int],
     ) -> Iterator[Deferred[Any] | None]:
         view = self._selected_view()
-        if plan.needs_details:
-            yield view.details()
         messages = view.messages
+        if plan.needs_details:
+            yield view.details(map(_uid_of, chain.from_iterable(messages[a:b] for a, b in ranges)))
         indices = chain.from_iterable(range(a, b) for a, b in ranges)
         batches = (
             _body_batches(messages, indices)
@@ -1232,9 +1234,9 @@ class IMAPServer(Protocol):
 
     def _search_work(self, program: Program, uid: bool, found: list[int]) -> Iterator[Deferred[Any] | None]:
         view = self._selected_view()
-        if needs_details(program):
-            yield view.details()
         messages = view.messages
+        if needs_details(program):
+            yield view.details(map(_uid_of, messages))
         max_uid = messages[-1].uid if messages else 0
         now = self._clock.seconds()
         recent = view.recent

@@ -395,37 +395,46 @@ _NO_META = LazyMeta("{}")
 
 class FolderDetails:
     """The header sections and metas of the messages a cold load took from the index (one object
-    shared by all their infos): read from the cache only when a command first needs them
-    (`FolderFiles.fill_details`), so a SELECT reads ~80 bytes a message instead of ~1 KiB.
+    shared by all their infos), read from the cache only when a command needs them
+    (`FolderFiles.read_details`, merged here on the reactor thread): a SELECT reads ~80 bytes a
+    message instead of ~1 KiB, and a FETCH of the newest few messages reads just theirs.
     Headers and meta never change once a message is indexed, so reading them later is reading
-    the same thing.  A message expunged before they were read (its row and file gone) answers
-    an empty header section and no meta, as a damaged row does."""
+    the same thing.  A message expunged before they were read (row and file gone) answers an
+    empty header section and no meta, as a damaged row does."""
 
-    __slots__ = ("_headers", "_metas")
+    __slots__ = ("_headers", "_metas", "complete")
 
     def __init__(self) -> None:
-        self._headers: dict[int, bytes] | None = None
-        self._metas: dict[int, Mapping[str, object]] | None = None
+        self._headers: dict[int, bytes] = {}
+        self._metas: dict[int, Mapping[str, object]] = {}
+        self.complete = False  # every message's are here (a whole-folder read was merged)
 
-    @property
-    def loaded(self) -> bool:
-        return self._metas is not None
+    def missing(self, uids: Iterable[int]) -> list[int]:
+        """Those of ``uids`` not read yet (none once `complete`)."""
+        return [] if self.complete else list(itertools.filterfalse(self._metas.__contains__, uids))
 
-    def fill(self, headers: dict[int, bytes], metas: dict[int, Mapping[str, object]]) -> None:
-        self._headers = headers
-        self._metas = metas  # last: `loaded` looks at it
+    def add(self, found: tuple[Mapping[int, bytes], Mapping[int, Mapping[str, object]]], whole: bool) -> None:
+        """Merge what `FolderFiles.read_details` read (``whole``: every message's)."""
+        headers, metas = found
+        self._headers.update(headers)
+        self._metas.update(metas)
+        self.complete = self.complete or whole
 
     def headers_of(self, uid: int) -> bytes:
-        headers = self._headers
-        if headers is None:
-            raise DetailsNotLoaded("message details read before FolderView.details()")
-        return headers.get(uid, _NO_HEADERS)
+        try:
+            return self._headers[uid]
+        except KeyError:
+            if self.complete:
+                return _NO_HEADERS
+            raise DetailsNotLoaded(f"details of message {uid} read before FolderView.details()") from None
 
     def meta_of(self, uid: int) -> Mapping[str, object]:
-        metas = self._metas
-        if metas is None:
-            raise DetailsNotLoaded("message details read before FolderView.details()")
-        return metas.get(uid, _NO_META)
+        try:
+            return self._metas[uid]
+        except KeyError:
+            if self.complete:
+                return _NO_META
+            raise DetailsNotLoaded(f"details of message {uid} read before FolderView.details()") from None
 
 
 class _GcPaused:
@@ -576,6 +585,7 @@ _SELECT_ROWS = (
     " ORDER BY m.uid"
 )
 Row = tuple[int, str, int, float, str]
+_DETAILS_PER_QUERY = 500  # UIDs per ``IN (...)``: well under SQLite's 32,766 variables
 
 
 @dataclass(frozen=True)
@@ -688,10 +698,18 @@ class IndexCache:
             self._reopen(e)
             return None
 
-    def details(self) -> tuple[list[int], list[bytes], list[str]]:
-        """The UIDs, header sections and meta texts of every row (`FolderDetails`); errors are
-        the caller's: the folder is open, and a cache that fails now is not reset under it."""
-        rows = self._db.execute("SELECT uid, headers, meta FROM messages").fetchall()
+    def details(self, uids: Sequence[int] | None = None) -> tuple[list[int], list[bytes], list[str]]:
+        """The UIDs, header sections and meta texts of the rows of ``uids`` (None: every row), for
+        `FolderDetails`; errors are the caller's: the folder is open, and a cache that fails now
+        is not reset under it."""
+        if uids is None:
+            rows = self._db.execute("SELECT uid, headers, meta FROM messages").fetchall()
+        else:
+            rows = []
+            for at in range(0, len(uids), _DETAILS_PER_QUERY):
+                chunk = uids[at : at + _DETAILS_PER_QUERY]
+                query = f"SELECT uid, headers, meta FROM messages WHERE uid IN ({','.join('?' * len(chunk))})"
+                rows.extend(self._db.execute(query, chunk).fetchall())
         if not rows:
             return [], [], []
         uids, headers, metas = zip(*rows, strict=True)
@@ -1055,25 +1073,27 @@ class FolderFiles:
             infos.sort(key=uid_of)
         return infos, names, {b: n for b, n in cur.items() if b not in uids}
 
-    def fill_details(self, details: FolderDetails, names: Mapping[int, str]) -> None:
-        """Read the header sections and metas of a load's infos (``details``, `FolderDetails`)
-        from the cache, once.  A message of the folder (``names``: UID → file, the folder's, not
-        changing while its lock is held) without a row, after a failed cache write, is read and
-        analysed again; one expunged meanwhile has neither and stays without."""
-        if details.loaded:
-            return
-        try:
-            uids, headers, texts = self._db().details()
-        except sqlite3.DatabaseError as e:
-            log.warn("index cache {path} unreadable, reading the messages: {error}", path=self.path, error=e)
-            uids, headers, texts = [], [], []
-        found = dict(zip(uids, headers, strict=True))
-        metas: dict[int, Mapping[str, object]] = dict(zip(uids, _lazy_metas(texts), strict=True))
-        for uid in [uid for uid in names if uid not in found]:
-            entry = self._analysed(uid, "cur", names[uid])
-            if entry is not None:
-                found[uid], metas[uid] = entry.info.headers, entry.info.meta
-        details.fill(found, metas)
+    def read_details(
+        self, uids: Sequence[int] | None, names: Mapping[int, str]
+    ) -> tuple[dict[int, bytes], dict[int, Mapping[str, object]]]:
+        """The header sections and metas of messages ``uids`` (None: all) from the cache, for
+        `FolderDetails.add`.  A message of the folder (``names``: UID → file, the folder's, which
+        does not change while its lock is held) without a row, after a failed cache write, is
+        read and analysed again; a message in neither (expunged) gets an empty section."""
+        with _gc_paused:
+            try:
+                found, headers, texts = self._db().details(uids)
+            except sqlite3.DatabaseError as e:
+                log.warn("index cache {path} unreadable, reading messages: {error}", path=self.path, error=e)
+                found, headers, texts = [], [], []
+            by_uid = dict(zip(found, headers, strict=True))
+            metas: dict[int, Mapping[str, object]] = dict(zip(found, _lazy_metas(texts), strict=True))
+            for uid in [uid for uid in (names if uids is None else uids) if uid not in by_uid]:
+                name = names.get(uid)
+                entry = None if name is None else self._analysed(uid, "cur", name)
+                by_uid[uid] = _NO_HEADERS if entry is None else entry.info.headers
+                metas[uid] = _NO_META if entry is None else entry.info.meta
+            return by_uid, metas
 
     def _read_snapshot(
         self, state: CacheState, stamp: tuple[int, int]

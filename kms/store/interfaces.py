@@ -12,7 +12,7 @@ the size in that wire form (RFC822.SIZE, POP3 LIST), so it matches what a client
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -155,10 +155,10 @@ class FolderView(Protocol):
         """Several messages in wire form, by UID, read in one thread-pool job (FETCH of bodies);
         messages expunged meanwhile are left out."""
 
-    def details(self) -> Deferred[None]:
-        """Make ``headers`` and ``meta`` readable for every message this view holds: the first
-        call after a folder was opened from its index reads them in the thread pool (ENVELOPE,
-        header FETCH and SEARCH need them; SELECT, FLAGS, STORE and bodies do not)."""
+    def details(self, uids: Iterable[int]) -> Deferred[None]:
+        """Make ``headers`` and ``meta`` readable for messages ``uids`` of this view: after a
+        folder was opened from its index, those not read yet are read in the thread pool
+        (ENVELOPE, header FETCH and header SEARCH need them; SELECT, FLAGS, STORE and bodies do not)."""
 
     def close(self) -> None:
         """The session leaves the folder (also on disconnect); releases a POP3 maildrop lock."""

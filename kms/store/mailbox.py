@@ -94,6 +94,7 @@ SUBSCRIPTIONS = "kms-subscriptions"
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
 _DELETED_PREFIX = "kms-deleted-"  # a folder on its way out: renamed away first, then removed
 _OPEN_RETRIES = 3
+_DETAILS_BY_UID = 1000  # messages whose details are read by UID; more (or a quarter of the folder): all
 
 
 _uid = attrgetter("uid")  # a C-level key: bisect calls it ~17 times per search
@@ -374,13 +375,16 @@ class _Folder:
         self.details = loaded.details
         self.loaded = True
 
-    def load_details(self) -> Deferred[None]:
-        """Make every info's ``headers`` and ``meta`` readable (`FolderDetails`), reading them
-        from the cache the first time (``names`` does not change while the lock is held)."""
+    def load_details(self, uids: Iterable[int]) -> Deferred[None]:
+        """Make ``headers`` and ``meta`` of messages ``uids`` readable (`FolderDetails`), reading
+        those not read yet from the cache; when they are many, the whole folder's at once."""
         details = self.details
-        if details is None or details.loaded:
+        missing = [] if details is None else details.missing(uids)
+        if not missing:
             return succeed(None)
-        return self.store.run(self.files.fill_details, details, self.names)
+        whole = len(missing) > max(_DETAILS_BY_UID, len(self.messages) // 4)
+        d = self.store.run(self.files.read_details, None if whole else missing, self.names)
+        return d.addCallback(details.add, whole)  # type: ignore[union-attr]
 
     def _tally(self, infos: Iterable[MessageInfo], sign: int) -> None:
         """``infos`` joined (+1) or left (-1) the folder: the counts follow, at no cost per message
@@ -613,7 +617,7 @@ class _View:
             return store.run(destination.files.import_files, sources, False).addCallback(copied)
 
         def work() -> Deferred[tuple[int, Sequence[tuple[int, int]]]]:
-            d = source.load_details().addCallback(lambda _: destination.ensure_loaded())
+            d = source.load_details(uids).addCallback(lambda _: destination.ensure_loaded())
             return d.addErrback(_trycreate).addCallback(place)
 
         def copied(made: list[tuple[int, Entry]]) -> tuple[int, Sequence[tuple[int, int]]]:
@@ -672,14 +676,15 @@ class _View:
 
         return read(uids, 0)
 
-    def details(self) -> Deferred[None]:
+    def details(self, uids: Iterable[int]) -> Deferred[None]:
         folder = self._folder
-        if folder.details is None or folder.details.loaded:
+        if folder.details is None or folder.details.complete:
             return succeed(None)
         refused = self._refused(write=False)
         if refused:
             return refused
-        return folder.store.locked([folder], folder.load_details)
+        wanted = list(uids)
+        return folder.store.locked([folder], lambda: folder.load_details(wanted))
 
     def close(self) -> None:
         if self._closed:
@@ -858,7 +863,7 @@ class _Account:
             destination = self.store.folder(target_path, target)
 
             def work() -> Deferred[None]:
-                d = inbox.fresh().addCallback(lambda _: inbox.load_details())
+                d = inbox.fresh().addCallback(lambda _: inbox.load_details(inbox.names))
                 return d.addCallback(lambda _: destination.ensure_loaded()).addCallback(move)
 
             def move(_: None) -> Deferred[None]:
