@@ -219,7 +219,8 @@ class FakeView:
             self.folder.details.add((headers, {uid: self.folder.metas[uid] for uid in missing}), whole=False)
         return succeed(None)
 
-    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+    def open_messages(self, messages: Sequence[MessageInfo]) -> Deferred[dict[int, bytes]]:
+        uids = [info.uid for info in messages]
         self.account.opened.extend(uids)
         if self.account.read_error is not None:
             return fail(self.account.read_error)

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import os
 import time
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from kms.store.index import (
     name_with_flags,
     normalize_flags,
     parse_uidlist,
+    read_sized,
     split_name,
     uidlist_header,
     uidlist_lines,
@@ -237,3 +239,19 @@ class GcPausedTests(TestCase):
         with paused:
             pass
         self.assertFalse(gc.isenabled())
+
+
+class ReadSizedTests(TestCase):
+    def test_expected_shorter_and_longer_files(self) -> None:
+        """One read when the file is at most its indexed size; a file that grew behind our back
+        (not the one indexed) is still read whole."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        data = b"x" * 100_000
+        (directory / "m").write_bytes(data)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        for size in (0, 1, 99_999, 100_000, 100_001, 200_000):
+            self.assertEqual(read_sized(fd, "m", size), data, size)
+        with self.assertRaises(FileNotFoundError):
+            read_sized(fd, "gone", 10)

@@ -1167,8 +1167,8 @@ class IMAPServer(Protocol):
             bodies: dict[int, bytes] = {}
             failed: list[Failure] = []
             if plan.needs_body:
-                uids = [messages[i].uid for i in batch]
-                yield view.open_messages(uids).addCallbacks(bodies.update, failed.append)
+                reading = view.open_messages([messages[i] for i in batch])
+                yield reading.addCallbacks(bodies.update, failed.append)
                 if failed and not failed[0].check(MailboxError):
                     self._internal_error("imap-read-error", failed[0])
             for index in batch:

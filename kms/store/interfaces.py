@@ -151,9 +151,9 @@ class FolderView(Protocol):
     def open_message(self, uid: int) -> Deferred[bytes]:
         """The message in wire form (CRLF), read in the thread pool."""
 
-    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
-        """Several messages in wire form, by UID, read in one thread-pool job (FETCH of bodies);
-        messages expunged meanwhile are left out."""
+    def open_messages(self, messages: Sequence[MessageInfo]) -> Deferred[dict[int, bytes]]:
+        """Several messages (of this view) in wire form, by UID, read in one thread-pool job
+        (FETCH of bodies); messages expunged meanwhile are left out."""
 
     def details(self, uids: Iterable[int]) -> Deferred[None]:
         """Make ``headers`` and ``meta`` readable for messages ``uids`` of this view: after a

@@ -650,7 +650,7 @@ class _View:
 
         return read(0)
 
-    def open_messages(self, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+    def open_messages(self, messages: Sequence[MessageInfo]) -> Deferred[dict[int, bytes]]:
         """One lock-free pool job for all; files renamed meanwhile (a flag change in flight) are
         read again under the folder lock, when their new names are known."""
         refused = self._refused(write=False)
@@ -658,12 +658,14 @@ class _View:
             return refused
         folder = self._folder
         found: dict[int, bytes] = {}
+        sizes = {info.uid: info.size for info in messages}
 
         def read(wanted: Iterable[int], attempt: int) -> Deferred[dict[int, bytes]]:
-            names = {uid: name for uid in wanted if (name := folder.names.get(uid)) is not None}
-            if not names:
+            names = folder.names
+            files = {uid: (name, sizes[uid]) for uid in wanted if (name := names.get(uid)) is not None}
+            if not files:
                 return succeed(found)
-            return folder.store.run(folder.files.read_many, names).addCallback(got, attempt)
+            return folder.store.run(folder.files.read_many, files).addCallback(got, attempt)
 
         def got(
             result: tuple[dict[int, bytes], list[int]], attempt: int
@@ -674,7 +676,7 @@ class _View:
                 return found
             return folder.store.locked([folder], lambda: read(vanished, attempt + 1))
 
-        return read(uids, 0)
+        return read(sizes, 0)
 
     def details(self, uids: Iterable[int]) -> Deferred[None]:
         folder = self._folder
