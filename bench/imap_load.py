@@ -181,7 +181,10 @@ class Bench:
             "imap": f"tcp:{self.imap_port}:interface=127.0.0.1",
             "pop3": f"tcp:{self.pop3_port}:interface=127.0.0.1",
         }
-        self.config_path = write_config(self.dir, listeners=listeners, max_size="60MB")
+        # The IDLE figure holds --idle connections from 127.0.0.1: above the default limits.
+        room = max(args.idle, 0) + 100
+        limits = f"\n[limits]\nmax_connections = {max(room, 2000)}\nmax_connections_per_ip = {room}\n"
+        self.config_path = write_config(self.dir, listeners=listeners, max_size="60MB", extra=limits)
         self.cfg = load_config(self.config_path)
         self.server: TwistdProcess | None = None
         self.done: set[int] = set()  # folder sizes measured
