@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from kms.imap.sections import Section, fetch_section
+from kms.store import index as index_module
 from kms.store import mailbox as mailbox_module
 from kms.store.index import CACHE, SNAPSHOT, UIDLIST, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
@@ -687,6 +688,7 @@ class SnapshotTests(StoreCase):
     settled = UnchangedCurTests.settled
     age_cur = UnchangedCurTests.age_cur
     recorded = UnchangedCurTests.recorded
+    put = UnchangedCurTests.put
     subjects = UnchangedCurTests.subjects
 
     async def snapshotted(self) -> None:
@@ -749,14 +751,49 @@ class SnapshotTests(StoreCase):
         (self.root / SNAPSHOT).write_bytes(good)
         self.assertEqual(self.load()[1], True)
 
-    async def test_no_snapshot_while_cur_is_unsettled(self) -> None:
-        """Without a recorded cur/ stamp every load lists cur/ anyway: no snapshot is written."""
-        account = await self.account()
-        await account.append("INBOX", message("one"))
+    async def test_leaving_records_the_stamp_of_a_cur_it_changed(self) -> None:
+        """A folder leaving memory after changing cur/ lists it, and when the listing is exactly
+        its files records the new stamp: the next cold load (once that stamp has settled) takes
+        the snapshot instead of listing cur/."""
+        old = await self.settled()
         store = self.new_store()
-        (await self.open(store=store)).close()
+        view = await self.open(store=store)
+        await view.store([2], ["\\Flagged"], "+")
+        view.close()
         await store.close()
-        self.assertFalse((self.root / SNAPSHOT).exists())
+        cur = os.stat(self.root / "cur")
+        self.assertNotEqual(old, (cur.st_mtime_ns, cur.st_ino))
+        self.assertEqual(self.recorded(), (cur.st_mtime_ns, cur.st_ino))
+        self.patch(index_module, "_SETTLED_NS", 0)  # as if two seconds had passed
+        rows, used = self.load()
+        self.assertTrue(used)
+        self.assertEqual([(r[0], r[3]) for r in rows], [(1, {"\\Seen"}), (2, {"\\Flagged"}), (3, {"work"})])
+
+    async def test_nothing_recorded_when_cur_holds_other_files(self) -> None:
+        """A file put into cur/ behind the server's back while the folder was open: the listing at
+        leaving differs from the folder, so the old stamp stays and the next load lists cur/."""
+        old = await self.settled()
+        store = self.new_store()
+        view = await self.open(store=store)
+        self.put("stranger")
+        view.close()
+        await store.close()
+        self.assertEqual(self.recorded(), old)
+        self.assertEqual([s for _, s, _ in await self.subjects()], ["one", "two", "three", "stranger"])
+
+    async def test_a_load_while_the_stamp_is_fresh_clears_it(self) -> None:
+        """A stamp recorded on leaving may be seconds old; a load within two seconds lists cur/
+        and clears it, so a change in the same timestamp tick cannot hide behind it."""
+        await self.settled()
+        store = self.new_store()
+        view = await self.open(store=store)
+        await view.store([1], ["\\Flagged"], "+")
+        view.close()
+        await store.close()
+        cur = os.stat(self.root / "cur")
+        self.assertEqual(self.recorded(), (cur.st_mtime_ns, cur.st_ino))  # seconds old at most
+        (await self.open(store=self.new_store())).close()
+        self.assertEqual(self.recorded(), (0, 0))
 
 
 class ViewTests(StoreCase):
