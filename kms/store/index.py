@@ -1359,29 +1359,33 @@ class FolderFiles:
         ``outcome[old flags]`` (keywords: the cache only); fsync cur/ once.  Returns the new infos
         and file names of those done, in order: a message whose file vanished is left out.
 
-        The loop runs once per message of a ``STORE 1:*``: it joins ``str`` paths, and the new
-        infos are made column by column afterwards (`_build_infos`), no tuple per message."""
-        cur = os.path.join(self.path, "cur", "")
-        rename = os.rename
+        The loop runs once per message of a ``STORE 1:*``: names relative to one ``cur/``
+        descriptor (``renameat``: no path walk per message, ~10 % of the loop), and the new infos
+        are made column by column afterwards (`_made_infos`), no tuple per message."""
         suffixes: dict[tuple[str, frozenset[str]], str] = {}  # (old letters, old flags) -> ":2,<letters>"
         done: list[MessageInfo] = []
         new_names: list[str] = []
-        for info, old_name in zip(infos, names, strict=True):
-            base, sep, letters = old_name.rpartition(INFO)
-            if not sep:
-                base, letters = old_name, ""
-            suffix = suffixes.get((letters, info.flags))
-            if suffix is None:
-                wanted = outcome[info.flags]
-                suffix = suffixes[letters, info.flags] = name_with_flags(old_name, wanted)[len(base) :]
-            name = base + suffix
-            if name != old_name:
-                try:
-                    rename(cur + old_name, cur + name)
-                except FileNotFoundError:
-                    continue
-            done.append(info)
-            new_names.append(name)
+        cur = _open_directory(self.path / "cur")
+        rename = partial(os.rename, src_dir_fd=cur, dst_dir_fd=cur)
+        try:
+            for info, old_name in zip(infos, names, strict=True):
+                base, sep, letters = old_name.rpartition(INFO)
+                if not sep:
+                    base, letters = old_name, ""
+                suffix = suffixes.get((letters, info.flags))
+                if suffix is None:
+                    wanted = outcome[info.flags]
+                    suffix = suffixes[letters, info.flags] = name_with_flags(old_name, wanted)[len(base) :]
+                name = base + suffix
+                if name != old_name:
+                    try:
+                        rename(old_name, name)
+                    except FileNotFoundError:
+                        continue
+                done.append(info)
+                new_names.append(name)
+        finally:
+            os.close(cur)
         if not done:
             return [], []
         flags = list(map(outcome.__getitem__, map(_flags_attr, done)))
@@ -1416,7 +1420,7 @@ class FolderFiles:
         longer), so it is returned as read: the conversion's scans cost more than the read."""
         found: dict[int, bytes] = {}
         vanished: list[int] = []
-        cur = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        cur = _open_directory(self.path / "cur")
         try:
             for uid, (name, size) in files.items():
                 try:
@@ -1549,6 +1553,10 @@ def read_file(path: str) -> bytes:
     finally:
         os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _open_directory(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def read_sized(directory: int, name: str, size: int) -> bytes:
