@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from kms.imap.sections import Section, fetch_section
 from kms.store import index as index_module
 from kms.store import mailbox as mailbox_module
+from kms.store.cachedread import cached_reader
 from kms.store.index import CACHE, SNAPSHOT, UIDLIST, FolderFiles, IndexCache, LazyMeta, UidValidities
 from kms.store.interfaces import (
     Account,
@@ -980,6 +981,35 @@ class ViewTests(StoreCase):
         view.close()
         await self.refused(view.open_messages(wanted[:1]), "CANNOT")
 
+    async def test_open_messages_cached_or_not(self) -> None:
+        """Files in the page cache are read at once on the reactor, evicted ones in the pool:
+        the same bytes either way (kms.store.cachedread)."""
+        account = await self.account()
+        raws = [message(f"m{n}", "x\n" * 2000) for n in range(4)]
+        for raw in raws:
+            await account.append("INBOX", raw)
+        view = await self.open()
+        pooled: list[int] = []
+        read_many = FolderFiles.read_many
+
+        def counted(
+            files: FolderFiles, names: Mapping[int, tuple[str, int]]
+        ) -> tuple[dict[int, bytes], list[int]]:
+            pooled.extend(names)
+            return read_many(files, names)
+
+        self.patch(FolderFiles, "read_many", counted)
+        for name in self.cur()[1::2]:  # messages 2 and 4 leave the page cache
+            fd = os.open(self.root / "cur" / name, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        bodies = await view.open_messages(list(view.messages))
+        self.assertEqual(bodies, {n + 1: wire_form(raw) for n, raw in enumerate(raws)})
+        if cached_reader.enabled:
+            self.assertNotIn(1, pooled)  # read inline
+        self.assertEqual(await view.open_message(3), wire_form(raws[2]))
+
     async def test_open_messages_during_flag_changes(self) -> None:
         """Files renamed while a lock-free read runs are read again under the lock."""
         account = await self.account()
@@ -1015,6 +1045,7 @@ class ViewTests(StoreCase):
             return found, vanished
 
         self.patch(FolderFiles, "read_many", renamed_meanwhile)
+        self.patch(cached_reader, "enabled", False)  # every file through the pool
         bodies = await view.open_messages(list(view.messages))
         self.assertEqual(calls, [[1, 2, 3], [2]])
         self.assertEqual(bodies, {n + 1: wire_form(message(f"m{n}")) for n in range(3)})

@@ -53,6 +53,7 @@ from twisted.python.threadpool import ThreadPool
 
 from kms.fsutil import fsync_dir, replace_file
 from kms.positions import delete_positions
+from kms.store.cachedread import cached_reader
 from kms.store.index import (
     Counts,
     Entry,
@@ -86,6 +87,7 @@ from kms.store.names import (
     parent_names,
 )
 from kms.store.space import SpaceWatch
+from kms.wireform import wire_form
 
 log = Logger()
 _T = TypeVar("_T")
@@ -94,6 +96,7 @@ SUBSCRIPTIONS = "kms-subscriptions"
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
 _DELETED_PREFIX = "kms-deleted-"  # a folder on its way out: renamed away first, then removed
 _OPEN_RETRIES = 3
+_INLINE_BYTES = 1 << 20  # read from the page cache on the reactor per call, at most (`read_cached`)
 _DETAILS_BY_UID = 1000  # messages whose details are read by UID; more (or a quarter of the folder): all
 
 
@@ -250,6 +253,8 @@ class MailStore:
         folders = list(self._folders.values())
         self._folders.clear()
         self._idle.clear()
+        for folder in folders:
+            folder.close_directory()
         closing = [f.lock.run(self._retire, f) for f in folders]
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
@@ -302,6 +307,7 @@ class MailStore:
 
     def forget(self, folder: _Folder) -> None:
         """Drop a folder from memory; its files are closed in the pool."""
+        folder.close_directory()
         self._idle.pop(folder.path, None)
         if self._folders.get(folder.path) is folder:
             del self._folders[folder.path]
@@ -339,6 +345,7 @@ class _Folder:
         self.doomed: set[int] = set()  # UIDs of the messages with \Deleted (likewise)
         self.views: set[_View] = set()
         self.details: FolderDetails | None = None  # of the infos the load took from the cache
+        self._cur: int | None = None  # descriptor of cur/ for `read_cached` (follows renames)
         self._refresh_queued = False
 
     @property
@@ -374,6 +381,23 @@ class _Folder:
         self.recent.update(loaded.recent)
         self.details = loaded.details
         self.loaded = True
+
+    def read_cached(self, name: str, limit: int) -> bytes | None:
+        """File ``name`` of cur/ read here, on the reactor, if the kernel has all of it cached
+        (`kms.store.cachedread`), else None.  cur/'s descriptor is opened and closed on the
+        reactor thread too (`close_directory`), so no other thread can close it under a read."""
+        if not cached_reader.enabled or self.deleted:
+            return None
+        if self._cur is None:
+            self._cur = cached_reader.open_directory(os.path.join(self.path, "cur"))
+            if self._cur is None:
+                return None
+        return cached_reader.read(self._cur, name, limit)
+
+    def close_directory(self) -> None:
+        if self._cur is not None:
+            os.close(self._cur)
+            self._cur = None
 
     def load_details(self, uids: Iterable[int]) -> Deferred[None]:
         """Make ``headers`` and ``meta`` of messages ``uids`` readable (`FolderDetails`), reading
@@ -639,6 +663,9 @@ class _View:
             name = folder.names.get(uid)
             if name is None or folder.deleted:
                 return fail(MailboxError(f"message {uid} has been expunged", "EXPUNGEISSUED"))
+            raw = folder.read_cached(name, _INLINE_BYTES) if attempt == 0 else None
+            if raw is not None:
+                return succeed(wire_form(raw))
             d = folder.store.run(folder.files.read, name)
             if attempt < _OPEN_RETRIES:
                 d.addErrback(retry, attempt)
@@ -651,8 +678,9 @@ class _View:
         return read(0)
 
     def open_messages(self, messages: Sequence[MessageInfo]) -> Deferred[dict[int, bytes]]:
-        """One lock-free pool job for all; files renamed meanwhile (a flag change in flight) are
-        read again under the folder lock, when their new names are known."""
+        """Files the kernel has cached are read at once (`Folder.read_cached`, up to
+        `_INLINE_BYTES`), the rest in one lock-free pool job; files renamed meanwhile (a flag
+        change in flight) are read again under the folder lock, when their new names are known."""
         refused = self._refused(write=False)
         if refused:
             return refused
@@ -663,6 +691,16 @@ class _View:
         def read(wanted: Iterable[int], attempt: int) -> Deferred[dict[int, bytes]]:
             names = folder.names
             files = {uid: (name, sizes[uid]) for uid in wanted if (name := names.get(uid)) is not None}
+            if attempt == 0:
+                budget = _INLINE_BYTES
+                for uid, (name, size) in list(files.items()):
+                    if size > budget:
+                        break
+                    raw = folder.read_cached(name, size)
+                    if raw is not None:
+                        found[uid] = raw if len(raw) == size else wire_form(raw)
+                        del files[uid]
+                        budget -= size
             if not files:
                 return succeed(found)
             return folder.store.run(folder.files.read_many, files).addCallback(got, attempt)
