@@ -20,6 +20,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -283,10 +284,15 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     writer = MaildirWriter(reactor)
     _Stoppable("maildir-writer", writer.start, writer.stop).setServiceParent(top)
     store_pool = ThreadPool(minthreads=1, maxthreads=4, name="kms-store")
-    _Stoppable("store-pool", store_pool.start, store_pool.stop).setServiceParent(top)
     mail_store = MailStore(paths.mail, store_pool, reactor, analyze, space=space)
-    # Added after the pool, so it stops first: pending index writes finish while the pool still runs.
-    _Stoppable("mail-store", lambda: None, mail_store.close).setServiceParent(top)
+
+    def stop_store() -> Deferred[None]:
+        """Close every folder (its pending work done, its snapshot written) in the pool, and only
+        then stop the pool: MultiService stops its children all at once, and a folder close
+        queued behind a running operation would otherwise reach a pool already stopped."""
+        return mail_store.close().addBoth(lambda _: store_pool.stop())
+
+    _Stoppable("mail-store", store_pool.start, stop_store).setServiceParent(top)
 
     backend = LocalDelivery(
         hostname=cfg.server.hostname,

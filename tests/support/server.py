@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 
 from kms.auth.passwords import StoreKey
 from kms.config import Config, load_config
@@ -127,6 +127,9 @@ class RunningServer:
         return self.ports[name]
 
     def stop(self) -> Deferred[None]:
+        """Stop the service tree (once: a test that stopped it itself leaves the clean-up nothing)."""
+        if not self.service.running:
+            return succeed(None)
         return self.service.stopService()  # type: ignore[no-any-return]
 
     @property
