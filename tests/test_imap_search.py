@@ -20,6 +20,7 @@ from kms.imap.search import (
     decode_words,
     matches,
     needs_body,
+    needs_details,
     parse_search,
 )
 from kms.store.interfaces import MessageInfo, message_info
@@ -223,6 +224,19 @@ class MatchTests(TestCase):
         for tokens, expected in cases:
             with self.subTest(tokens=tokens):
                 self.assertEqual(needs_body(parse_search(tokens)), expected)
+
+    def test_needs_details(self) -> None:
+        """Header keys and SENT* read the cached header section or meta; flags, sizes, dates,
+        sequence sets and bodies do not."""
+        cases: list[tuple[list[object], bool]] = [
+            (["ALL", "SEEN", "LARGER", "10", "SINCE", "1-Jan-2020", "1:*", "BODY", "x"], False),
+            (["FROM", "x"], True),
+            (["OR", "SEEN", "SENTSINCE", "1-Jan-2020"], True),
+            (["NOT", ["SEEN", "HEADER", "a", "b"]], True),
+        ]
+        for tokens, expected in cases:
+            with self.subTest(tokens=tokens):
+                self.assertEqual(needs_details(parse_search(tokens)), expected)
 
 
 class ParseTests(TestCase):

@@ -199,34 +199,32 @@ def parse_search(tokens: Sequence[object]) -> Program:
     return _parse_keys(tokens, 0)
 
 
-def needs_body(program: Program) -> bool:
-    """Whether matching reads message bodies (BODY, TEXT): only then must the server load them."""
+def _uses(program: Program, names: frozenset[str]) -> bool:
+    """Whether any key of the program is one of ``names``."""
     if isinstance(program, Key):
-        return program.name in ("BODY", "TEXT")
+        return program.name in names
     if isinstance(program, And):
-        return any(map(needs_body, program.keys))
+        return any(_uses(key, names) for key in program.keys)
     if isinstance(program, Or):
-        return needs_body(program.left) or needs_body(program.right)
+        return _uses(program.left, names) or _uses(program.right, names)
     if isinstance(program, Not):
-        return needs_body(program.key)
+        return _uses(program.key, names)
     return False
 
 
+_BODY_KEYS = frozenset(("BODY", "TEXT"))
 _DETAIL_KEYS = frozenset("SENTBEFORE SENTON SENTSINCE HEADER FROM TO CC BCC SUBJECT".split())
+
+
+def needs_body(program: Program) -> bool:
+    """Whether matching reads message bodies (BODY, TEXT): only then must the server load them."""
+    return _uses(program, _BODY_KEYS)
 
 
 def needs_details(program: Program) -> bool:
     """Whether matching reads the cached header section or meta (header keys, SENT*): only then
     must the server make them readable (`FolderView.details`)."""
-    if isinstance(program, Key):
-        return program.name in _DETAIL_KEYS
-    if isinstance(program, And):
-        return any(map(needs_details, program.keys))
-    if isinstance(program, Or):
-        return needs_details(program.left) or needs_details(program.right)
-    if isinstance(program, Not):
-        return needs_details(program.key)
-    return False
+    return _uses(program, _DETAIL_KEYS)
 
 
 # --- decoding ------------------------------------------------------------------------------------
