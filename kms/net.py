@@ -19,14 +19,20 @@ def set_tcp_nodelay(transport: object) -> None:
 
     Under TLS the TCP transport is reached through the wrapper's ``transport`` attribute.
     """
+    tcp = tcp_transport(transport)
+    if tcp is not None:
+        try:
+            tcp.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        except OSError:  # not a TCP socket (UNIX socket, already closed)
+            pass
+
+
+def tcp_transport(transport: object) -> object | None:
+    """The TCP transport itself: ``transport``, or under TLS a ``.transport`` or two down."""
     for _ in range(4):
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:  # not a TCP socket (UNIX socket, already closed)
-                pass
-            return
+        if hasattr(transport, "setTcpNoDelay"):
+            return transport
         transport = getattr(transport, "transport", None)
         if transport is None:
-            return
+            return None
+    return None

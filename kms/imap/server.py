@@ -84,6 +84,7 @@ from kms.imap.parser import (
 )
 from kms.imap.search import Program, SearchContext, matches, needs_body, needs_details, parse_search
 from kms.limits import REFUSAL_TEXT, Verdict
+from kms.net import set_tcp_nodelay, tcp_transport
 from kms.positions import delete_positions
 from kms.store.interfaces import (
     SYSTEM_FLAGS,
@@ -232,17 +233,6 @@ def _body_batches(messages: Sequence[MessageInfo], indices: Iterable[int]) -> It
         yield batch
 
 
-def _tcp(transport: object) -> object | None:
-    """The TCP transport itself: under TLS it is one ``.transport`` down."""
-    for _ in range(4):
-        if hasattr(transport, "setTcpNoDelay"):
-            return transport
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    return None
-
-
 def _quick_ack(transport: object) -> None:
     """ACK what has arrived of a command at once.
 
@@ -252,7 +242,7 @@ def _quick_ack(transport: object) -> None:
     APPEND literal stall").  Setting TCP_QUICKACK sends the pending ACK now.
     """
     option = getattr(socket, "TCP_QUICKACK", None)
-    tcp = _tcp(transport)
+    tcp = tcp_transport(transport)
     if option is None or tcp is None:
         return
     try:
@@ -354,12 +344,7 @@ class IMAPServer(Protocol):
         settings = self.settings
         self.client = ClientInfo.from_transport(self.transport, settings.listener, settings.implicit_tls)
         self._session = self._session_factory(self.client)
-        tcp = _tcp(self.transport)
-        if tcp is not None:
-            try:
-                tcp.setTcpNoDelay(True)  # type: ignore[attr-defined]
-            except OSError:
-                pass
+        set_tcp_nodelay(self.transport)
         self._debug("connect")
         product = "" if settings.hide_version else f" kms {__version__}"
         self._untagged(f"OK [CAPABILITY {self._capabilities()}] {settings.hostname}{product} IMAP4rev1 ready")
