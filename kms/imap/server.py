@@ -8,9 +8,10 @@ buffering:
 * One command at a time.  `CommandReader` assembles commands (literals included) in bounded
   memory; while a command waits for the store or the login session, further input is only
   buffered, and the transport paused once the backlog passes `BACKLOG_LIMIT`.
-* Sequence numbers are this session's: ``_uids`` is what the client has been told, and changes
-  only in `_sync`, which runs after every command in the selected state except FETCH, STORE and
-  SEARCH (RFC 3501 §7.4.1) and whenever the folder changes during IDLE.
+* Sequence numbers are this session's: the view's snapshot (`FolderView.messages`, in UID
+  order) is what the client has been told, and changes only in `_sync`, which runs after every
+  command in the selected state except FETCH, STORE and SEARCH (RFC 3501 §7.4.1) and whenever
+  the folder changes during IDLE.
 * Whole-mailbox FETCH, STORE and SEARCH run as cooperative tasks shared by every session of the
   factory: each step renders hundreds of messages from the in-memory index into one buffer,
   message files are read a batch at a time in the store's threads, and a transport whose
@@ -23,7 +24,6 @@ Which replies count toward ``max_errors``: every BAD and every failed login.
 from __future__ import annotations
 
 import socket
-from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +85,6 @@ from kms.imap.parser import (
 from kms.imap.search import Program, SearchContext, matches, needs_body, needs_details, parse_search
 from kms.limits import REFUSAL_TEXT, Verdict
 from kms.net import set_tcp_nodelay, tcp_transport
-from kms.positions import delete_positions
 from kms.store.interfaces import (
     SYSTEM_FLAGS,
     Account,
@@ -283,7 +282,6 @@ class IMAPServer(Protocol):
         self._state = NOT_AUTHENTICATED
         self._account: Account | None = None
         self._view: FolderView | None = None
-        self._uids = array("Q")  # UIDs by sequence number, as this client knows them
         self._keywords: set[str] = set()  # the keywords this client's FLAGS listed
         self._line_consumer: Callable[[Line], None] | None = None
         self._idle: Deferred[Result] | None = None
@@ -598,24 +596,20 @@ class IMAPServer(Protocol):
 
     def _sync(self) -> None:
         """Tell the client what changed: new keywords (FLAGS), EXPUNGE (sequence numbers adjusted
-        as each goes), EXISTS, flag changes.  Afterwards ``_uids`` matches the view's messages
-        again; the work follows the number of changes, not the folder's size."""
+        as each goes), EXISTS, flag changes; the work follows the number of changes, not the
+        folder's size.  The view's snapshot is the client's knowledge again afterwards."""
         view = self._view
         assert view is not None
         event = view.sync()
         self._new_keywords(flag for info in chain(event.added, event.flags) for flag in info.flags)
-        uids = self._uids
-        if event.expunged:
-            positions: list[int] = []
-            for uid in event.expunged:  # ascending: each response counts the ones before it
-                index = bisect_left(uids, uid)
-                if index < len(uids) and uids[index] == uid:
-                    self._out.append(b"* %d EXPUNGE\r\n" % (index + 1 - len(positions)))
-                    positions.append(index)
-            delete_positions(uids, positions)
+        messages = view.messages
+        # Ascending UIDs that were in the snapshot: each one's number, counting the ones before it
+        # as gone already, is where it would sit among the messages that stay.
+        self._out.extend(
+            b"* %d EXPUNGE\r\n" % (bisect_left(messages, uid, key=_uid_of) + 1) for uid in event.expunged
+        )
         if event.added:
-            uids.extend(info.uid for info in event.added)
-            self._out.append(b"* %d EXISTS\r\n" % len(uids))
+            self._out.append(b"* %d EXISTS\r\n" % len(messages))
         for info in event.flags:
             seq = self._seq_of(info.uid)
             if seq:
@@ -639,18 +633,19 @@ class IMAPServer(Protocol):
     def _seqs_of(self, wanted: list[int]) -> Sequence[int]:
         """The sequence numbers of ascending ``wanted`` UIDs (0: unknown); a run of consecutive
         messages, as a STORE 1:* names, is found by one comparison instead of a search each."""
-        uids = self._uids
+        messages = self._selected_view().messages
         if not wanted:
             return []
-        start = bisect_left(uids, wanted[0])
-        if uids[start : start + len(wanted)] == array("Q", wanted):
+        start = bisect_left(messages, wanted[0], key=_uid_of)
+        if list(map(_uid_of, messages[start : start + len(wanted)])) == wanted:
             return range(start + 1, start + 1 + len(wanted))
         return [self._seq_of(uid) for uid in wanted]
 
     def _seq_of(self, uid: int) -> int:
         """The sequence number of ``uid`` for this client, or 0."""
-        index = bisect_left(self._uids, uid)
-        return index + 1 if index < len(self._uids) and self._uids[index] == uid else 0
+        messages = self._selected_view().messages
+        index = bisect_left(messages, uid, key=_uid_of)
+        return index + 1 if index < len(messages) and messages[index].uid == uid else 0
 
     def _folder_changed(self) -> None:
         """The view's listener: in IDLE, announce at once; otherwise at the next command's end."""
@@ -660,7 +655,6 @@ class IMAPServer(Protocol):
 
     def _close_view(self) -> None:
         view, self._view = self._view, None
-        self._uids = array("Q")
         if self._state == SELECTED:
             self._state = AUTHENTICATED
         if view is not None:
@@ -670,13 +664,16 @@ class IMAPServer(Protocol):
     def _message_ranges(self, text: str, uid: bool) -> list[tuple[int, int]]:
         """A sequence set as index ranges [start, stop) into the view's messages."""
         ranges = parse_sequence_set(text)
-        uids = self._uids
+        messages = self._selected_view().messages
         if uid:
-            spans = resolve_set(ranges, uids[-1] if uids else 0)
-            found = ((bisect_left(uids, low), bisect_right(uids, high)) for low, high in spans)
+            spans = resolve_set(ranges, messages[-1].uid if messages else 0)
+            found = (
+                (bisect_left(messages, low, key=_uid_of), bisect_right(messages, high, key=_uid_of))
+                for low, high in spans
+            )
             return [(start, stop) for start, stop in found if start < stop]
-        spans = resolve_set(ranges, len(uids))
-        if spans and (spans[0][0] < 1 or spans[-1][1] > len(uids)):
+        spans = resolve_set(ranges, len(messages))
+        if spans and (spans[0][0] < 1 or spans[-1][1] > len(messages)):
             raise ParseError("Invalid message sequence number")
         return [(low - 1, high) for low, high in spans]
 
@@ -917,7 +914,6 @@ class IMAPServer(Protocol):
             self._state = SELECTED
             view.sync()
             messages = view.messages
-            self._uids = array("Q", (info.uid for info in messages))
             view.set_listener(self._folder_changed)
             self._keywords = _keywords(set().union(*{info.flags for info in messages}))
             self._flags_responses()
