@@ -632,8 +632,11 @@ class LazyDetailsTests(StoreCase):
         other = await self.open(store=store, details=False)
         await view.store([1, 2], ["\\Flagged"], "+")  # new infos, the same (unread) details
         await view.details([1, 2, 3])
+        busy: Deferred[None] = Deferred()
+        store._folders[self.root].lock.run(lambda: busy)  # a STORE, say, in flight
         again = other.details([1, 2, 3])
-        self.assertTrue(again.called)  # nothing left to read: no thread hop
+        self.assertTrue(again.called)  # nothing left to read: no thread hop, no wait for the lock
+        busy.callback(None)
         await again
         other.sync()
         self.assertEqual([(m.meta["subject"], "\\Flagged" in m.flags) for m in other.messages],

@@ -717,13 +717,16 @@ class _View:
         return read(sizes, 0)
 
     def details(self, uids: Iterable[int]) -> Deferred[None]:
+        """Immediate when all are read already (no wait for the folder's lock behind a STORE)."""
         folder = self._folder
         if folder.details is None or folder.details.complete:
             return succeed(None)
         refused = self._refused(write=False)
         if refused:
             return refused
-        wanted = list(uids)
+        wanted = folder.details.missing(uids)
+        if not wanted:
+            return succeed(None)
         return folder.store.locked([folder], lambda: folder.load_details(wanted))
 
     def close(self) -> None:
