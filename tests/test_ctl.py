@@ -17,6 +17,7 @@ import kms
 from kms.auth.passwords import StoreKey
 from kms.ctl import main
 from kms.store.users import UserDB, UserRecord, check_password
+from tests.support.server import TEST_STORE_LIMITS
 
 MINIMAL = """\
 [server]
@@ -25,7 +26,7 @@ hostname = "mail.example.test"
 local = ["example.test", "second.test"]
 [store]
 path = "store"
-"""
+""" + TEST_STORE_LIMITS  # small limits: kmsctl warns on stderr below the soft limit (1GB by default)
 
 PROJECT_ROOT = Path(kms.__file__).resolve().parent.parent
 

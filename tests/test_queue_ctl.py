@@ -17,6 +17,7 @@ import kms
 from kms.ctl import main
 from kms.queue.interfaces import BOUNCED, DELIVERED, PENDING, QueuedRecipient, QueueEntry
 from kms.queue.store import FLUSH_MARKER, NoSuchEntry, QueueStore
+from tests.support.server import TEST_STORE_LIMITS
 
 PROJECT_ROOT = Path(kms.__file__).resolve().parent.parent
 CONFIG = """\
@@ -26,7 +27,7 @@ hostname = "mail.example.test"
 local = ["example.test"]
 [store]
 path = "store"
-"""
+""" + TEST_STORE_LIMITS  # small limits: kmsctl warns on stderr below the soft limit (1GB by default)
 T0 = 1_700_000_000.0
 BODY = b"Subject: Quarterly numbers\nFrom: alice@example.test\nX-Trick: \x1b[2Jcleared\n\nsecret body text\n"
 

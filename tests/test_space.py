@@ -42,6 +42,7 @@ from kms.store.space import (
     start_problem,
     tree_size,
 )
+from tests.support.server import TEST_STORE_LIMITS
 
 MB = 1_000_000
 
@@ -541,7 +542,7 @@ class ConfigAndCtlTests(TestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err.splitlines()[0], line)
         self.assertIn("no such user", err)
-        code, _, err = self.run_ctl("--config", str(self.config("")), "user", "list")
+        code, _, err = self.run_ctl("--config", str(self.config(TEST_STORE_LIMITS)), "user", "list")
         self.assertEqual((code, err), (0, ""))
 
     def test_store_status(self) -> None:

@@ -37,7 +37,7 @@ from kms.tls import generate_dev_certificate, server_context_factory
 from kms.updatechecker import FIRST_CHECK_DELAY, STATE_FILE, Checker, UpdateChecker, read_state
 from kms.updates import MAX_FEED_SIZE, UpdateState
 from tests.support.dnsserver import DNSTestServer
-from tests.support.server import RunningServer, free_port, write_config
+from tests.support.server import TEST_STORE_LIMITS, RunningServer, free_port, write_config
 
 PROJECT_ROOT = Path(kms.__file__).resolve().parent.parent
 PROXY_USER = "proxyuser"
@@ -651,7 +651,7 @@ hostname = "mail.example.test"
 local = ["example.test"]
 [store]
 path = "store"
-[logs]
+""" + TEST_STORE_LIMITS + """[logs]
 debug = ["update_checker"]
 """
 
