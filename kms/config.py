@@ -813,14 +813,16 @@ def runtime_problems(cfg: Config) -> list[str]:
         problems.append("master.enabled: no master password is set (kmsctl master set-password)")
     secret = cfg.relay.smarthost_credentials_file
     if cfg.relay.smarthost and secret is not None:
+        from kms.queue.runner import read_credentials  # what the server itself will read
+
         try:
-            first = secret.read_text(encoding="utf-8").split("\n", 1)[0]
+            read_credentials(secret)
         except (OSError, UnicodeDecodeError) as e:
             problems.append(f"relay.smarthost_credentials_file: cannot read {secret}: {e}")
+        except ValueError:
+            problems.append(f'relay.smarthost_credentials_file: {secret}: expected "user:password"')
         else:
-            if ":" not in first or first.startswith(":"):
-                problems.append(f'relay.smarthost_credentials_file: {secret}: expected "user:password"')
-            elif secret.stat().st_mode & 0o077:
+            if secret.stat().st_mode & 0o077:
                 problems.append(
                     f"relay.smarthost_credentials_file: {secret} is open to group or others (chmod 600)"
                 )
