@@ -95,6 +95,7 @@ class LoginNameTests(TestCase):
         self.assertEqual(realm_of("DC=kms,DC=test"), "kms.test")
         self.assertEqual(realm_of("OU=People,DC=Corp,DC=Example,DC=com"), "corp.example.com")
         self.assertEqual(realm_of("not a dn"), "")
+        self.assertEqual(realm_of("DC=kms, DC=test"), "kms.test")  # spaces after the commas, as often written
 
 
 class FilterTests(TestCase):

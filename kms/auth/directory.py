@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import ldap3
@@ -58,8 +58,10 @@ from zope.interface import implementer
 
 from kms.auth.credentials import IChallengeCredentials, ILoginAttempt, IPlaintextCredentials
 from kms.auth.errors import AuthenticationFailed, TemporaryAuthFailure, UnknownUser
-from kms.config import DirectoryConfig
 from kms.store.users import normalize_address
+
+if TYPE_CHECKING:  # kms.config imports this module (through kms.auth.winbind)
+    from kms.config import DirectoryConfig
 
 _T = TypeVar("_T")
 
@@ -172,8 +174,9 @@ def read_secret(path: Path) -> str:
 
 
 def realm_of(base_dn: str) -> str:
+    """The DNS realm of a base DN (``DC=kms, DC=test`` → ``kms.test``); "" when it is not a DN."""
     try:
-        parts = parse_dn(base_dn)
+        parts = parse_dn(base_dn, strip=True)
     except LDAPException:
         return ""
     return ".".join(value for attribute, value, _ in parts if attribute.lower() == "dc").lower()

@@ -63,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
 from kms.auth.credentials import ILoginAttempt
+from kms.auth.directory import DISABLED, EXPIRED, LOCKED, MUST_CHANGE, PASSWORD_EXPIRED, realm_of
 from kms.auth.errors import AuthenticationFailed, MalformedResponse, TemporaryAuthFailure, UnknownUser
 from kms.auth.exchange import Challenge, MechanismSession, StepResult
 from kms.auth.ntlm import (
@@ -91,11 +92,11 @@ REFUSALS = {
     "NT_STATUS_LOGON_FAILURE": "wrong password or unknown user",
     "NT_STATUS_WRONG_PASSWORD": "wrong password",
     "NT_STATUS_NO_SUCH_USER": "unknown user",
-    "NT_STATUS_ACCOUNT_LOCKED_OUT": "account locked out in the directory",
-    "NT_STATUS_ACCOUNT_DISABLED": "account disabled in the directory",
-    "NT_STATUS_ACCOUNT_EXPIRED": "account expired in the directory",
-    "NT_STATUS_PASSWORD_EXPIRED": "password expired in the directory",
-    "NT_STATUS_PASSWORD_MUST_CHANGE": "password must be changed (directory)",
+    "NT_STATUS_ACCOUNT_LOCKED_OUT": LOCKED,
+    "NT_STATUS_ACCOUNT_DISABLED": DISABLED,
+    "NT_STATUS_ACCOUNT_EXPIRED": EXPIRED,
+    "NT_STATUS_PASSWORD_EXPIRED": PASSWORD_EXPIRED,
+    "NT_STATUS_PASSWORD_MUST_CHANGE": MUST_CHANGE,
     "NT_STATUS_INVALID_LOGON_HOURS": "outside the account's logon hours",
     "NT_STATUS_INVALID_WORKSTATION": "not allowed from this workstation",
     "NT_STATUS_ACCOUNT_RESTRICTION": "account restriction",
@@ -103,7 +104,6 @@ REFUSALS = {
     "NT_STATUS_NTLM_BLOCKED": "NTLM blocked by the domain",
 }
 _NT_STATUS = re.compile(r"NT_STATUS_[A-Z0-9_]+")
-_DC_PART = re.compile(r"\s*DC\s*=\s*([^,]+)\s*", re.IGNORECASE)
 
 
 # --- configuration: pure ---------------------------------------------------------------------------
@@ -186,8 +186,8 @@ class DirectoryNames:
 
     @classmethod
     def from_config(cls, domain: str, mail_domain: str, base_dn: str) -> DirectoryNames:
-        parts = [m.group(1).strip().lower() for m in _DC_PART.finditer(base_dn)]
-        dns = {mail_domain.lower()} | ({".".join(parts)} if parts else set())
+        realm = realm_of(base_dn)
+        dns = {mail_domain.lower()} | ({realm} if realm else set())
         return cls(domain.upper(), mail_domain.lower(), frozenset(dns))
 
     def login_name(self, user: str, domain: str) -> str:
