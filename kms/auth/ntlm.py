@@ -411,9 +411,10 @@ def verify(message: AuthenticateMessage, state: ChallengeState, nt_hash: bytes, 
     if message.mic is None:
         return True
     # Without key exchange (we never offer it) the exported session key is the session base key;
-    # with it (a winbind helper's CHALLENGE may grant it) the client sent that key RC4-encrypted.
+    # with it (a winbind helper's CHALLENGE may grant it, and the client's AUTHENTICATE must keep
+    # it: MS-NLMP negotiates a flag only when both set it) the client sent that key RC4-encrypted.
     session_key = _hmac_md5(key, proof)
-    if state.flags & Flag.KEY_EXCH:
+    if state.flags & message.flags & Flag.KEY_EXCH:
         if len(message.encrypted_session_key) != 16:
             return False
         decryptor = Cipher(ARC4(session_key), mode=None).decryptor()
