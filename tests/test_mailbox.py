@@ -742,6 +742,24 @@ class SnapshotTests(StoreCase):
             [(1, "one", {"\\Seen"}), (2, "two", {"urgent"}), (3, "three", {"work"})],
         )
 
+    async def test_a_folder_that_missed_a_change_leaves_no_snapshot(self) -> None:
+        """A loads; B loads, sets a keyword (the cache only) and closes; A leaving memory must not
+        write its older view as a snapshot of the newer cache (the keyword would be lost)."""
+        await self.settled()
+        a = FolderFiles(self.root, analyze, UidValidities())
+        loaded_a = a.load()
+        b = FolderFiles(self.root, analyze, UidValidities())
+        loaded_b = b.load()
+        info = next(i for i in loaded_b.infos if i.uid == 2)
+        b.set_flags([info], [loaded_b.names[2]], {info.flags: frozenset({"urgent"})})
+        b.close()
+        a.retire(loaded_a.infos, loaded_a.names)
+        self.assertFalse((self.root / SNAPSHOT).exists())
+        self.assertEqual(
+            await self.subjects(),
+            [(1, "one", {"\\Seen"}), (2, "two", {"urgent"}), (3, "three", {"work"})],
+        )
+
     async def test_damaged_snapshots_fall_back_to_the_rows(self) -> None:
         await self.snapshotted()
         good = (self.root / SNAPSHOT).read_bytes()

@@ -1124,15 +1124,18 @@ class FolderFiles:
         try:
             cache = self._cache
             if cache is not None and self._cache_ok and infos:
-                ours = cache.generation
+                ours = cache.generation  # None once another connection wrote in between
                 state = cache.state()
-                if ours == state.generation:
-                    stamp = self._listed_stamp(names, state.cur)
-                    if stamp is not None:
-                        cache.insert([], cur=stamp)
-                        state = cache.state()
+                if ours is None or ours != state.generation:
+                    return  # the cache holds changes this memory has not seen: no snapshot of it
+                stamp = self._listed_stamp(names, state.cur)
+                if stamp is not None:
+                    cache.insert([], cur=stamp)
+                    if cache.generation is None:  # someone wrote just before our insert
+                        return
+                    state = cache.state()
                 key = state.snapshot_key()
-                if cache.generation == state.generation and state.cur != (0, 0) and key != self._snapshot_key:
+                if state.cur != (0, 0) and key != self._snapshot_key:
                     self._write_snapshot(encode_snapshot(key, infos, names))
                     self._snapshot_key = key
         except (OSError, sqlite3.Error) as e:  # a cache: the next load reads the rows instead
@@ -1309,7 +1312,7 @@ class FolderFiles:
     def import_files(self, sources: Sequence[tuple[Path, Entry]], move: bool) -> list[tuple[int, Entry]]:
         """COPY (hard links; a real copy where links are impossible) or, with ``move``, renames
         (RENAME INBOX).  Flags, internal date and cached metadata come along (the sources' details
-        must be readable: `fill_details`); sources that vanished meanwhile are skipped.  Returns
+        must be readable: `_Folder.load_details`); sources that vanished meanwhile are skipped.  Returns
         (source uid, new entry) pairs."""
         placed: list[tuple[Entry, str, str]] = []  # (source entry, base, file name)
         try:
