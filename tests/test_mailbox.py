@@ -1002,6 +1002,17 @@ class ViewTests(StoreCase):
         view.close()
         await self.refused(view.open_messages(wanted[:1]), "CANNOT")
 
+    async def test_store_of_a_message_this_view_has_not_synced_yet(self) -> None:
+        """The store changes it (it is in the folder) and the view hears of it at its next sync."""
+        account = await self.account()
+        view = await self.open()
+        await account.append("INBOX", message("late"))
+        stored = await view.store([1], ["\\Flagged"], "+")
+        self.assertEqual([(i.uid, i.flags) for i in stored], [(1, {"\\Flagged"})])
+        self.assertEqual(view.messages, [])
+        view.sync()
+        self.assertEqual([(i.uid, i.flags) for i in view.messages], [(1, {"\\Flagged"})])
+
     async def test_open_messages_cached_or_not(self) -> None:
         """Files in the page cache are read at once on the reactor, evicted ones in the pool:
         the same bytes either way (kms.store.cachedread)."""

@@ -598,8 +598,9 @@ class _View:
                 # overwrite this one at the next sync; sync does not report it twice.
                 folder.publish(FolderEvent(flags=changed))
                 mine = self._messages
-                found = locate(mine, map(_uid, changed))
-                deque(map(mine.__setitem__, map(found.__getitem__, map(_uid, changed)), changed), maxlen=0)
+                by_uid = dict(zip(map(_uid, changed), changed, strict=True))
+                for uid, position in locate(mine, by_uid).items():  # not yet synced here: left out
+                    mine[position] = by_uid[uid]
             messages = folder.messages
             return [messages[i] for i in positions]
 
