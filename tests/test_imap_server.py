@@ -211,8 +211,8 @@ class FakeView:
             return d
         return succeed(body)
 
-    def details(self, uids: Iterable[int]) -> Deferred[None]:
-        missing = self.folder.details.missing(uids)
+    def details(self, messages: Iterable[MessageInfo]) -> Deferred[None]:
+        missing = self.folder.details.missing(info.uid for info in messages)
         if missing:
             self.account.detail_loads += 1
             headers = {uid: self.folder.headers[uid] for uid in missing}

@@ -96,7 +96,7 @@ class StoreCase(TestCase):
         view = await (await self.account(store)).open(name, readonly)
         self.addCleanup(view.close)
         if details:
-            await view.details([m.uid for m in view.messages])
+            await view.details(view.messages)
         return view
 
     async def refused(self, d: Deferred[Any], code: str) -> MailboxError:
@@ -618,11 +618,11 @@ class LazyDetailsTests(StoreCase):
         with self.assertRaises(DetailsNotLoaded):
             _ = view.messages[1].headers
         self.assertEqual([m.flags for m in view.messages], [{"\\Seen", "work"}, set(), set()])
-        await view.details([2, 3])  # only these: a FETCH of the newest messages reads just theirs
+        await view.details(view.messages[1:])  # only these: a FETCH of the newest messages reads just theirs
         self.assertEqual(view.messages[1].meta["subject"], "two")
         with self.assertRaises(DetailsNotLoaded):
             _ = view.messages[0].meta
-        await view.details([1, 2, 3])
+        await view.details(view.messages)
         self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
         self.assertIn(b"Subject: two", view.messages[1].headers)
         self.assertEqual(view.messages[2].headers, header_section(wire_form(message("three"))))
@@ -631,10 +631,10 @@ class LazyDetailsTests(StoreCase):
         view, store = await self.cold()
         other = await self.open(store=store, details=False)
         await view.store([1, 2], ["\\Flagged"], "+")  # new infos, the same (unread) details
-        await view.details([1, 2, 3])
+        await view.details(view.messages)
         busy: Deferred[None] = Deferred()
         store._folders[self.root].lock.run(lambda: busy)  # a STORE, say, in flight
-        again = other.details([1, 2, 3])
+        again = other.details(other.messages)
         self.assertTrue(again.called)  # nothing left to read: no thread hop, no wait for the lock
         busy.callback(None)
         await again
@@ -642,12 +642,21 @@ class LazyDetailsTests(StoreCase):
         self.assertEqual([(m.meta["subject"], "\\Flagged" in m.flags) for m in other.messages],
                          [("one", True), ("two", True), ("three", False)])  # fmt: skip
 
+    async def test_messages_analysed_here_need_no_read(self) -> None:
+        """An APPEND (or delivery, or COPY) after the cold load carries its own details."""
+        view, store = await self.cold()
+        await (await self.account(store)).append("INBOX", message("four"))
+        view.sync()
+        fresh = view.details(view.messages[3:])
+        self.assertTrue(fresh.called)  # nothing to read: no lock, no thread hop
+        self.assertEqual(view.messages[3].meta["subject"], "four")
+
     async def test_many_at_once_read_the_whole_folder(self) -> None:
         self.patch(mailbox_module, "_DETAILS_BY_UID", 1)
         view, _ = await self.cold()
-        await view.details([2, 3])  # more than _DETAILS_BY_UID: every message's, in one query
+        await view.details(view.messages[1:])  # more than _DETAILS_BY_UID: every message's, in one query
         self.assertEqual(view.messages[0].meta["subject"], "one")
-        self.assertTrue(view.details([1, 2, 3]).called)  # complete: no lock, no thread hop
+        self.assertTrue(view.details(view.messages).called)  # complete: no lock, no thread hop
 
     async def test_expunged_before_read(self) -> None:
         """A message another session expunged before the details were read (row and file gone)
@@ -656,7 +665,7 @@ class LazyDetailsTests(StoreCase):
         other = await self.open(store=store, details=False)
         await other.store([2], ["\\Deleted"], "+")
         self.assertEqual(list(await other.expunge()), [2])
-        await view.details([1, 2, 3])
+        await view.details(view.messages)
         self.assertEqual([m.uid for m in view.messages], [1, 2, 3])  # not synced yet
         self.assertEqual((view.messages[1].headers, dict(view.messages[1].meta)), (b"", {}))
         self.assertEqual(view.messages[2].meta["subject"], "three")
@@ -667,7 +676,7 @@ class LazyDetailsTests(StoreCase):
         with db:
             db.execute("DELETE FROM messages WHERE uid = 1")
         db.close()
-        await view.details([1, 2, 3])
+        await view.details(view.messages)
         self.assertEqual([m.meta["subject"] for m in view.messages], ["one", "two", "three"])
 
     async def test_copy_and_rename_inbox_carry_unread_details(self) -> None:

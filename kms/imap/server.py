@@ -1136,7 +1136,7 @@ class IMAPServer(Protocol):
         view = self._selected_view()
         messages = view.messages
         if plan.needs_details:
-            yield view.details(map(_uid_of, chain.from_iterable(messages[a:b] for a, b in ranges)))
+            yield view.details(chain.from_iterable(messages[a:b] for a, b in ranges))
         indices = chain.from_iterable(range(a, b) for a, b in ranges)
         batches = (
             _body_batches(messages, indices)
@@ -1217,7 +1217,7 @@ class IMAPServer(Protocol):
         view = self._selected_view()
         messages = view.messages
         if needs_details(program):
-            yield view.details(map(_uid_of, messages))
+            yield view.details(messages)
         max_uid = messages[-1].uid if messages else 0
         now = self._clock.seconds()
         recent = view.recent

@@ -155,9 +155,9 @@ class FolderView(Protocol):
         """Several messages (of this view) in wire form, by UID, read in one thread-pool job
         (FETCH of bodies); messages expunged meanwhile are left out."""
 
-    def details(self, uids: Iterable[int]) -> Deferred[None]:
-        """Make ``headers`` and ``meta`` readable for messages ``uids`` of this view: after a
-        folder was opened from its index, those not read yet are read in the thread pool
+    def details(self, messages: Iterable[MessageInfo]) -> Deferred[None]:
+        """Make ``headers`` and ``meta`` readable for ``messages`` of this view: after a folder
+        was opened from its index, those not read yet are read in the thread pool
         (ENVELOPE, header FETCH and header SEARCH need them; SELECT, FLAGS, STORE and bodies do not)."""
 
     def close(self) -> None:

@@ -399,6 +399,14 @@ class _Folder:
             os.close(self._cur)
             self._cur = None
 
+    def unread(self, infos: Iterable[MessageInfo]) -> list[int]:
+        """UIDs of those ``infos`` whose details are the load's and not read yet (a message
+        analysed in this process carries its own: nothing to read for it)."""
+        details = self.details
+        if details is None or details.complete:
+            return []
+        return details.missing(info.uid for info in infos if info.details is details)
+
     def load_details(self, uids: Iterable[int]) -> Deferred[None]:
         """Make ``headers`` and ``meta`` of messages ``uids`` readable (`FolderDetails`), reading
         those not read yet from the cache; when they are many, the whole folder's at once."""
@@ -642,7 +650,8 @@ class _View:
             return store.run(destination.files.import_files, sources, False).addCallback(copied)
 
         def work() -> Deferred[tuple[int, Sequence[tuple[int, int]]]]:
-            d = source.load_details(uids).addCallback(lambda _: destination.ensure_loaded())
+            d = source.load_details(source.unread(e.info for e in source.entries(uids)))
+            d.addCallback(lambda _: destination.ensure_loaded())
             return d.addErrback(_trycreate).addCallback(place)
 
         def copied(made: list[tuple[int, Entry]]) -> tuple[int, Sequence[tuple[int, int]]]:
@@ -717,7 +726,7 @@ class _View:
 
         return read(sizes, 0)
 
-    def details(self, uids: Iterable[int]) -> Deferred[None]:
+    def details(self, messages: Iterable[MessageInfo]) -> Deferred[None]:
         """Immediate when all are read already (no wait for the folder's lock behind a STORE)."""
         folder = self._folder
         if folder.details is None or folder.details.complete:
@@ -725,7 +734,7 @@ class _View:
         refused = self._refused(write=False)
         if refused:
             return refused
-        wanted = folder.details.missing(uids)
+        wanted = folder.unread(messages)
         if not wanted:
             return succeed(None)
         return folder.store.locked([folder], lambda: folder.load_details(wanted))
@@ -907,7 +916,7 @@ class _Account:
             destination = self.store.folder(target_path, target)
 
             def work() -> Deferred[None]:
-                d = inbox.fresh().addCallback(lambda _: inbox.load_details(inbox.names))
+                d = inbox.fresh().addCallback(lambda _: inbox.load_details(inbox.unread(inbox.messages)))
                 return d.addCallback(lambda _: destination.ensure_loaded()).addCallback(move)
 
             def move(_: None) -> Deferred[None]:
