@@ -85,3 +85,15 @@ class CachedReaderTests(TestCase):
         self.reader._syscall = not_cached  # type: ignore[assignment]
         self.assertIsNone(self.reader.read(self.fd, "m", len(self.data)))
         self.assertTrue(self.reader.enabled)
+
+    def test_files_of_another_owner_turn_it_off(self) -> None:
+        """O_NOATIME needs the files' owner: EPERM means a read would update atime (which may wait
+        for the journal), so every read goes to the pool from then on."""
+
+        def not_the_owner(*args: object) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+        self.reader._syscall = not_the_owner  # type: ignore[assignment]
+        self.assertIsNone(self.reader.read(self.fd, "m", len(self.data)))
+        self.assertFalse(self.reader.enabled)

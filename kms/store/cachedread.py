@@ -44,7 +44,9 @@ class CachedReader:
                 self._syscall = ctypes.CDLL(None, use_errno=True).syscall
             except (OSError, AttributeError):
                 self.enabled = False
-        self._how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+        # O_NOATIME: RWF_NOWAIT does not cover the access-time update a read makes, which on ext4
+        # can wait for a journal commit (the first read of new mail under relatime).
+        self._how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME, 0, _RESOLVE_CACHED)
         self._directory_how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
 
     def _open(self, directory: int, path: bytes, how: _OpenHow) -> int | None:
@@ -55,6 +57,8 @@ class CachedReader:
         error = ctypes.get_errno()
         if error in _UNSUPPORTED:
             self._disable(error)
+        elif error == errno.EPERM and how.flags & os.O_NOATIME:  # not the files' owner: a read
+            self._disable(error)  # would update atime, which may wait, so the pool reads them all
         return None  # EAGAIN (not cached), ENOENT (renamed or expunged meanwhile), ...
 
     def _disable(self, error: int) -> None:
