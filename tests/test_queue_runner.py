@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import errno
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -22,7 +23,7 @@ from kms.config import DNSConfig
 from kms.dns import make_resolver
 from kms.logs import Logs
 from kms.queue.client import attempt
-from kms.queue.interfaces import BOUNCED, PENDING, QueuedRecipient, QueueEntry
+from kms.queue.interfaces import BOUNCED, DELIVERED, PENDING, Hop, QueuedRecipient, QueueEntry
 from kms.queue.mx import resolve_hops
 from kms.queue.runner import QueueRunner, RunnerSettings
 from kms.queue.store import NoSuchEntry, QueueStore
@@ -57,6 +58,8 @@ class RunnerTests(TestCase):
         self.addCleanup(self.dns.stop)
         self.port = free_port()
         self.reports: list[tuple[str, bytes]] = []
+        self.report_failures = 0  # reports to refuse (the sender's mailbox unavailable) before accepting
+        self.broken_address = ""  # a hop whose attempt fails on our side (OSError), not the host's
 
     def sink(self, interface: str, **config: Any) -> SMTPSink:
         sink = SMTPSink(SinkConfig(**config))
@@ -70,8 +73,16 @@ class RunnerTests(TestCase):
         settings.setdefault("delay_warning", 0.0)
 
         def report(to: str, data: bytes) -> Any:
+            if self.report_failures:
+                self.report_failures -= 1
+                return fail(OSError(errno.EIO, "mailbox unavailable"))
             self.reports.append((to, data))
             return succeed(None)
+
+        def tried(reactor: Any, hop: Hop, message: Any, **options: Any) -> Any:
+            if hop.address == self.broken_address:
+                return fail(OSError(errno.EMFILE, "too many open files"))
+            return attempt(reactor, hop, message, **options)
 
         runner = QueueRunner(
             self.store,
@@ -80,7 +91,7 @@ class RunnerTests(TestCase):
             self.logs,
             RunnerSettings(hostname="mx.example.test", product=None, timeout=5, **settings),
             resolve=lambda domain: resolve_hops(resolver, domain, self.port, reactor=reactor),
-            attempt=attempt,
+            attempt=tried,
             inject_dsn=report,
             clock=self.clock,
         )
@@ -178,6 +189,43 @@ class RunnerTests(TestCase):
         self.assertIn("Status: 5.1.1", text)
         self.assertIn("Action: failed", text)
         self.assertNotIn("bob@elsewhere.test", text)
+
+    @inlineCallbacks
+    def test_a_report_that_cannot_be_sent_keeps_the_results_and_is_tried_again(self):  # type: ignore[no-untyped-def]
+        mx1 = self.sink("127.0.0.2", rcpt_replies={"nobody@elsewhere.test": b"550 5.1.1 no such user\r\n"})
+        runner = self.runner()
+        self.report_failures = 1
+        entry_id = yield self.enqueue(runner, "nobody@elsewhere.test", "bob@elsewhere.test")
+        entry = yield self.settled(runner, entry_id)
+        states = {r.address: (r.state, r.dsn_sent) for r in entry.recipients}
+        expected = {"nobody@elsewhere.test": (BOUNCED, False), "bob@elsewhere.test": (DELIVERED, False)}
+        self.assertEqual(states, expected)
+        self.assertEqual(self.reports, [])
+        self.clock.advance(300)
+        self.assertIsNone((yield self.settled(runner, entry_id)))
+        [(to, data)] = self.reports
+        self.assertIn(b"Final-Recipient: rfc822; nobody@elsewhere.test", data)
+        self.assertEqual(len(mx1.session.messages), 1)  # bob's copy was not sent again
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # the failed report, logged
+
+    @inlineCallbacks
+    def test_a_local_error_in_one_group_keeps_the_others_results(self):  # type: ignore[no-untyped-def]
+        self.dns.add_mx("second.test", 10, "mx.second.test")
+        self.dns.add_a("mx.second.test", "127.0.0.3")
+        mx1 = self.sink("127.0.0.2")
+        mx2 = self.sink("127.0.0.3")
+        runner = self.runner()
+        self.broken_address = "127.0.0.3"
+        entry_id = yield self.enqueue(runner, "bob@elsewhere.test", "dan@second.test")
+        entry = yield self.settled(runner, entry_id)
+        states = {r.address: r.state for r in entry.recipients}
+        self.assertEqual(states, {"bob@elsewhere.test": DELIVERED, "dan@second.test": PENDING})
+        self.broken_address = ""
+        self.clock.advance(300)
+        self.assertIsNone((yield self.settled(runner, entry_id)))
+        self.assertEqual(len(mx1.session.messages), 1)  # not sent to bob again
+        self.assertEqual(len(mx2.session.messages), 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # the local error, logged
 
     @inlineCallbacks
     def test_null_mx_bounces_at_once(self):  # type: ignore[no-untyped-def]

@@ -344,6 +344,11 @@ class QueueRunner(Service):
                 if failure.permanent:
                     break
                 continue
+            except Exception as e:  # ours, not the host's (the body unreadable, say): retry later,
+                # and never fail the pass, or the other groups' results would not be saved
+                log.failure("delivering {id} to {host}", id=entry.id, host=hop.describe())
+                last = HostFailure(hop.describe(), f"local error: {e}")
+                break
             finally:
                 self._in_flight.discard(attempt)
             for r in recipients:
@@ -390,16 +395,15 @@ class QueueRunner(Service):
                     schedule.expire(r, now, s.lifetime)
                     self._log_result(entry, r)
         failed = schedule.unreported_failures(entry)
-        if failed:
-            yield self._send_dsn(entry, failed, dsn.FAILED, now)
+        reported = (yield self._send_dsn(entry, failed, dsn.FAILED, now)) if failed else True
         for r in entry.recipients:
-            if r.state == BOUNCED:
+            if r.state == BOUNCED and (reported or r not in failed):
                 r.dsn_sent = True  # reported now, or never to be (NOTIFY, null sender)
         if relayed and entry.sender:
             yield self._send_dsn(entry, relayed, dsn.RELAYED, now)
         if schedule.needs_delay_warning(entry, now, s.delay_warning):
-            yield self._send_dsn(entry, schedule.delay_recipients(entry), dsn.DELAYED, now)
-            entry.delay_warned = True
+            delayed = schedule.delay_recipients(entry)
+            entry.delay_warned = yield self._send_dsn(entry, delayed, dsn.DELAYED, now)
         if schedule.finished(entry):
             yield deferToThreadPool(self.reactor, self.pool, self.store.remove, entry.id)
             return
@@ -410,7 +414,9 @@ class QueueRunner(Service):
 
     def _send_dsn(
         self, entry: QueueEntry, recipients: list[QueuedRecipient], kind: str, now: float
-    ) -> Deferred[Any]:
+    ) -> Deferred[bool]:
+        """Whether the report went out; a failure (the sender's mailbox unavailable, say) is
+        logged and the pass's results are saved all the same, the report tried again next pass."""
         def build() -> bytes:
             with open(self.store.body_path(entry.id), "rb") as f:
                 body = f.read(dsn.RETURN_LIMIT + 1)
@@ -428,12 +434,16 @@ class QueueRunner(Service):
         d = deferToThreadPool(self.reactor, self.pool, build)
         d.addCallback(lambda data: self._inject_dsn(entry.sender, data))
 
-        def logged(result: object) -> object:
+        def logged(_: object) -> bool:
             for r in recipients:
                 self.logs.mail("dsn", None, id=entry.id, kind=kind, sender=entry.sender, recipient=r.address)
-            return result
+            return True
 
-        return d.addCallback(logged)
+        def failed(failure: Failure) -> bool:
+            log.failure("report ({kind}) for {id} not sent", failure, kind=kind, id=entry.id)
+            return False
+
+        return d.addCallbacks(logged, failed)
 
 
 async def _nothing() -> None:
