@@ -30,7 +30,6 @@ from kms.queue.store import (
     check_id,
     decode_entry,
     encode_entry,
-    new_id,
 )
 
 PROJECT_ROOT = Path(kms.__file__).resolve().parent.parent
@@ -238,21 +237,6 @@ class IdTests(StoreTestCase):
             self.assertRaises(ValueError, self.store.add, make_entry(bad), b"x")
         self.assertEqual(self.names(), set())
         self.assertEqual(os.listdir(self.root.parent), ["queue"])
-
-    def test_new_ids(self) -> None:
-        """Valid file names, distinct, sortable by time."""
-        ids = [new_id(T0) for _ in range(2000)]
-        self.assertEqual(len(set(ids)), len(ids))
-        for entry_id in ids[:20]:
-            self.assertEqual(check_id(entry_id), entry_id)
-        self.assertLess(new_id(T0), new_id(T0 + 1))
-
-    def test_new_ids_unique_across_processes(self) -> None:
-        script = "from kms.queue.store import new_id\nprint(' '.join(new_id(1.0) for _ in range(3000)))"
-        results = [run_python(script) for _ in range(2)]
-        ids = [i for r in results for i in r.stdout.split()]
-        self.assertEqual(len(ids), 6000)
-        self.assertEqual(len(set(ids)), 6000)
 
 
 class CrossProcessTests(StoreTestCase):

@@ -30,7 +30,6 @@ are checked, and anything else makes the entry "damaged".
 
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
 import json
@@ -39,7 +38,6 @@ import os
 import re
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -86,14 +84,6 @@ def check_id(entry_id: str) -> str:
     if not isinstance(entry_id, str) or not _ID.fullmatch(entry_id):
         raise ValueError(f"invalid queue id {entry_id!r}")
     return entry_id
-
-
-def new_id(now: float | None = None) -> str:
-    """A fresh id, sortable by time and unique across processes without coordination: milliseconds
-    and 40 random bits, base32 (18 characters of A-Z2-7)."""
-    ms = int((time.time() if now is None else now) * 1000)
-    raw = ms.to_bytes(6, "big") + os.urandom(5)
-    return base64.b32encode(raw).decode("ascii").rstrip("=")
 
 
 # --- the envelope format (pure) -------------------------------------------------------------------
@@ -377,7 +367,6 @@ class QueueStore:
         When this returns, the entry survives a crash; when it raises (disk full, an invalid entry,
         an id already queued), nothing of it is left.  A ``BinaryIO`` is read from where it stands.
         """
-        encode_entry(entry)  # refuse what could not be read back before writing anything
         with self.try_lock(entry.id):
             if self._exists(entry.id):
                 raise FileExistsError(f"queue entry {entry.id} already exists")
