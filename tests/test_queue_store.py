@@ -173,7 +173,7 @@ class AddGetTests(StoreTestCase):
         self.assertRaises(OSError, self.store.add, make_entry(), Broken())  # type: ignore[arg-type]
         self.assertEqual(self.names(), set())
 
-    def test_invalid_entries_refused_before_writing(self) -> None:
+    def test_invalid_entries_refused_leaving_nothing(self) -> None:
         bad = [
             make_entry(sender="a\r\nRCPT TO:<x@evil>"),
             make_entry(recipients=[]),
