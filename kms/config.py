@@ -756,8 +756,13 @@ def _update(s: _Section) -> UpdateConfig:
         timeout=s.parsed("timeout", "30s", parse_duration),
         ca_file=s.path("ca_file"),
     )
-    if u.feed_url and not re.match(r"^https?://[^/?#@\s]+(?:[/?#]\S*)?$", u.feed_url):
-        s.loader.problem("update.feed_url", f'"{u.feed_url}" must be an http:// or https:// URL')
+    if u.feed_url:
+        from kms.httpfetch import parse_url  # the rule the update checker will apply
+
+        try:
+            parse_url(u.feed_url)
+        except ValueError as e:
+            s.loader.problem("update.feed_url", str(e))
     if u.interval < 60:
         s.loader.problem("update.interval", "must be at least 1m (a feed is not to be hammered)")
     if u.timeout <= 0:

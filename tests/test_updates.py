@@ -396,11 +396,14 @@ class ConfigTests(TestCase):
             [
                 "proxy.port: must be at most 65535, not 70000",
                 "proxy.username: must not contain ':' (Basic authentication)",
-                'update.feed_url: "ftp://example.test/feed" must be an http:// or https:// URL',
+                'update.feed_url: "ftp://example.test/feed" must start with http:// or https://',
                 "update.interval: must be at least 1m (a feed is not to be hammered)",
                 "update.timeout: must be more than 0",
             ],
         )
+        bad_port = self.problems('[update]\nfeed_url = "https://feed.test:99999/x"\n')
+        self.assertEqual(len(bad_port), 1)  # what the checker itself would refuse at every run
+        self.assertIn('"https://feed.test:99999/x" is not a URL', bad_port[0])
         self.assertEqual(
             self.problems('[proxy]\nusername = "u"\n'),
             ["proxy.address: is required when username or password_file is set"],
