@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from twisted.internet.tcp import Server as _Server
+
 
 def is_ip_address(text: str) -> bool:
     """Whether ``text`` is an IPv4 or IPv6 address (not a host name to look up)."""
@@ -36,3 +38,26 @@ def tcp_transport(transport: object) -> object | None:
         if transport is None:
             return None
     return None
+
+
+def write_now(transport: object, data: bytes) -> None:
+    """Give ``data`` to the kernel in this call when nothing waits ahead of it in the transport.
+
+    Twisted's ``write`` only buffers: the bytes go out on the reactor's next turn, after an
+    ``epoll_ctl`` to watch for writability and before another to stop (two system calls and a turn
+    per reply).  A plain TCP transport with an empty buffer can send at once; what the kernel does not
+    take, and everything under TLS or behind a backlog, goes through ``write`` as before, in order.
+    """
+    if (
+        type(transport) is _Server
+        and not transport.TLS  # after STARTTLS the same object writes through the TLS layer
+        and transport.connected  # type: ignore[attr-defined]
+        and not transport.disconnecting  # type: ignore[attr-defined]
+        and not getattr(transport, "_tempDataBuffer", True)
+        and len(transport.dataBuffer) == transport.offset  # type: ignore[attr-defined]
+    ):
+        sent = transport.writeSomeData(data)  # type: ignore[attr-defined]
+        if isinstance(sent, int):
+            data = data[sent:]
+    if data:
+        transport.write(data)  # type: ignore[attr-defined]
