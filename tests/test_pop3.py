@@ -913,12 +913,13 @@ class TransactionTests(POP3TestCase):
     def test_retr_sends_the_wire_form_as_is(self) -> None:
         """P5: stored CRLF goes out unchanged (no CR added); P4: the dotted line is stuffed."""
         conn = self.logged_in()
+        conn.transport.writes = 0
         self.assertEqual(
             conn.send(b"RETR 1\r\n"),
             b"+OK 59 octets\r\nSubject: one\r\nFrom: a@x.test\r\n\r\nfirst line\r\n..dotted\r\nlast\r\n.\r\n",
         )
         self.assertEqual(self.view.reads, [3])
-        self.assertIsNone(conn.transport.producer)
+        self.assertEqual(conn.transport.writes, 1)  # a small message goes out with its +OK line
 
     def test_retr_stuffs_the_first_line(self) -> None:
         """P4: Twisted never stuffed the first line; a message starting with "." must be."""
@@ -1015,16 +1016,32 @@ class ProducerTests(POP3TestCase):
         conn.transport.buffer_limit = 1
         conn.transport.writes = 0
         out = conn.send(b"RETR 1\r\nNOOP\r\n")
-        self.assertLess(len(out), CHUNK_SIZE * 1.1)
-        self.assertEqual(conn.transport.writes, 2)  # the +OK line, one chunk
-        while conn.transport.producer is not None:
+        self.assertEqual(conn.transport.writes, 1)  # the +OK line filled the buffer
+        for writes in (2, 3, 4, 5):  # a chunk per drain (three), then the NOOP reply
             conn.transport.drain()
-            out += conn.take()
-        self.assertEqual(conn.transport.writes, 5)  # two more chunks, then the NOOP reply
+            chunk = conn.take()
+            self.assertLess(len(chunk), CHUNK_SIZE * 1.1)
+            out += chunk
+            self.assertEqual(conn.transport.writes, writes)
         self.assertEqual(
             out,
             b"+OK %d octets\r\n" % len(message) + message.replace(b"\r\n.", b"\r\n..") + b".\r\n+OK\r\n",
         )
+
+    def test_pipelined_commands_wait_while_the_buffer_is_full(self) -> None:
+        """Small messages go out in one write each, but a client that pipelines RETRs without
+        reading gets no more than the transport holds: the next command waits for a drain."""
+        conn = self.logged_in()
+        conn.transport.buffer_limit = 30  # each reply fills it
+        conn.transport.writes = 0
+        out = conn.send(b"RETR 1\r\nRETR 2\r\nSTAT\r\n")
+        self.assertEqual(out, b"+OK 59 octets\r\n" + MESSAGES[3].replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        self.assertEqual((conn.transport.writes, self.view.reads), (1, [3]))
+        conn.transport.drain()
+        self.assertEqual(conn.take(), b"+OK 22 octets\r\nSubject: two\r\n\r\nbody\r\n.\r\n")
+        conn.transport.buffer_limit = None
+        conn.transport.drain()
+        self.assertEqual(conn.take(), b"+OK 3 108\r\n")
 
     def test_client_that_stops_reading_times_out(self) -> None:
         """A client that stops reading mid-message is aborted after command_timeout; no UPDATE."""

@@ -9,8 +9,11 @@ own buffering on a plain `Protocol`, the way `kms.smtp.server` does:
   message is being sent, further input is only buffered (and the transport paused once the backlog
   passes `BACKLOG_LIMIT`), so pipelined replies always come out in order.
 * Memory is bounded whatever the client sends: a line over ``max_line`` is refused and the rest of
-  it dropped as it arrives.  A message is sent chunk by chunk as the transport takes it, so only
-  the message itself and about one chunk are held (`kms.pop3.commands.dot_stuffed`).
+  it dropped as it arrives.  The protocol is its transport's streaming producer: while the
+  transport's buffer is full (the client is not reading) no further command runs, and a message
+  over one chunk is sent chunk by chunk as the transport takes it, so only the message itself and
+  about one chunk are held (`kms.pop3.commands.dot_stuffed`).  A message of one chunk goes out
+  with its ``+OK`` line in a single write (`kms.net.write_now`).
 * Bytes pipelined after STLS are thrown away and the session starts afresh (RFC 2595 §4).
 * Every command, however malformed, gets a reply from a fixed text: wrong arity (P2), numbers out
   of range or already deleted (P3), and exceptions never reach the client by name (P6).
@@ -57,8 +60,9 @@ from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_chal
 from kms.clientinfo import ClientInfo
 from kms.limits import REFUSAL_TEXT, Verdict
 from kms.lines import TOO_LONG, LineReader
-from kms.net import set_tcp_nodelay
+from kms.net import set_tcp_nodelay, write_now
 from kms.pop3.commands import (
+    CHUNK_SIZE,
     TEMPORARY_CODES,
     POP3Error,
     dot_stuffed,
@@ -162,41 +166,15 @@ class _Maildrop:
         return f"{self.uidvalidity}.{info.uid}"
 
 
+@dataclass
+class _Sending:
+    """A multi-line response larger than one chunk, being written as the transport takes it."""
+
+    chunks: Iterator[bytes]
+    done: Deferred[None] = field(default_factory=Deferred)
+
+
 @implementer(IPushProducer)
-class _Sender:
-    """Writes one multi-line response as fast as the transport takes it, no faster.
-
-    A streaming producer: the transport pauses it when its buffer fills and resumes it when the
-    buffer drains, so only about one chunk of stuffed output exists at a time.
-    """
-
-    def __init__(self, transport: Any, chunks: Iterator[bytes], progress: Callable[[], None]) -> None:
-        self._transport = transport
-        self._chunks: Iterator[bytes] | None = chunks
-        self._progress = progress
-        self._paused = False
-        self.done: Deferred[None] = Deferred()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._progress()
-        while not self._paused and self._chunks is not None:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                self._chunks = None
-                self._transport.unregisterProducer()
-                self.done.callback(None)
-                return
-            self._transport.write(chunk)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def stopProducing(self) -> None:
-        """The connection is gone: nothing more is written and ``done`` never fires."""
-        self._chunks = None
-
-
 class POP3Server(Protocol):
     """One POP3 connection: bytes in, calls on the login session and the store out, replies back.
 
@@ -225,7 +203,8 @@ class POP3Server(Protocol):
         self._user: str | None = None  # USER was accepted; PASS comes next
         self._sasl: SASLExchange | None = None
         self._drop: _Maildrop | None = None
-        self._sender: _Sender | None = None
+        self._sending: _Sending | None = None
+        self._output_paused = False  # the transport's write buffer is full
         self._inbox = bytearray()
         self._lines = LineReader(settings.max_line)
         self._waiting = False  # a command's Deferred (or a message being sent) has the turn
@@ -265,6 +244,7 @@ class POP3Server(Protocol):
         self.client = ClientInfo.from_transport(self.transport, settings.listener, settings.implicit_tls)
         self._session = self._session_factory(self.client)
         set_tcp_nodelay(self.transport)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.timestamp = f"<{secrets.token_hex(8)}.{int(self._clock.seconds())}@{settings.hostname}>"
         self._debug("connect")
         product = f"{settings.banner_product} " if settings.banner_product else ""
@@ -280,14 +260,28 @@ class POP3Server(Protocol):
         self._gone = self._closing = True
         self._arm_timer()
         self._inbox.clear()
-        if self._sender is not None:
-            self._sender.stopProducing()
-            self._sender = None
+        self._sending = None  # its Deferred never fires: the connection is gone
         drop, self._drop = self._drop, None
         if drop is not None:
             self._end_session(drop, "disconnect", 0)  # no QUIT, no UPDATE (RFC 1939 §6)
         self._session.logout()
         self._debug("disconnect", errors=self._errors)
+
+    # IPushProducer: the transport's write buffer is full (or drained again).
+
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        self._arm_timer()  # the client is reading
+        if self._sending is not None:
+            self._send_chunks()
+        elif not self._waiting:
+            self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; `connectionLost` cleans up."""
 
     # --- input ------------------------------------------------------------------------------------
 
@@ -300,8 +294,9 @@ class POP3Server(Protocol):
         try:
             if not self._closing:
                 self._inbox += data
-                while self._inbox and not self._waiting and not self._closing and self._step():
-                    pass
+                while self._inbox and not (self._waiting or self._closing or self._output_paused):
+                    if not self._step():
+                        break
         except Exception:
             # Somewhere between states: nothing sensible can follow.
             self._internal_error("pop3-internal-error", Failure())
@@ -376,27 +371,45 @@ class POP3Server(Protocol):
     def _write_out(self) -> None:
         if self._out and not self._gone:
             data, self._out = b"".join(self._out), []
-            self.transport.write(data)  # type: ignore[union-attr]
+            write_now(self.transport, data)
 
     def _flush(self) -> None:
         self._write_out()
         if self._closing and not self._gone:
             self._gone = True
+            # A registered producer would hold the close back until it unregisters (Twisted).
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def _send(self, first: str, chunks: Iterator[bytes]) -> Deferred[None] | None:
-        """``+OK first``, then ``chunks`` through a producer; the Deferred fires once all is written."""
+    def _send(self, first: str, body: bytes) -> Deferred[None] | None:
+        """``+OK first``, then ``body`` dot-stuffed; the Deferred fires once all is written.
+
+        A body of one chunk goes out with the replies queued before it in one write; a larger one
+        chunk by chunk as the transport takes them, so only one stuffed chunk is in memory.
+        """
         if self._gone:
             return None
         self._ok(first)
+        chunks = dot_stuffed(body)
+        if len(body) <= CHUNK_SIZE:
+            self._out.extend(chunks)
+            self._write_out()  # a pipelined RETR waits if this one filled the buffer
+            return None
         self._write_out()  # replies queued before this one go first
-        sender = self._sender = _Sender(self.transport, chunks, self._arm_timer)
-        self.transport.registerProducer(sender, True)  # type: ignore[union-attr]
-        sender.resumeProducing()
-        return sender.done.addCallback(self._sent)
+        sending = self._sending = _Sending(chunks)
+        self._send_chunks()
+        return sending.done
 
-    def _sent(self, _: None) -> None:
-        self._sender = None
+    def _send_chunks(self) -> None:
+        """Write the large response's next chunks until the transport is full or all is written."""
+        sending = self._sending
+        while sending is not None and not self._output_paused:
+            chunk = next(sending.chunks, None)
+            if chunk is None:
+                self._sending = None
+                sending.done.callback(None)
+                return
+            write_now(self.transport, chunk)
 
     # --- waiting on Deferreds ---------------------------------------------------------------------
 
@@ -425,7 +438,7 @@ class POP3Server(Protocol):
 
     def _arm_timer(self) -> None:
         """Restart the client's clock, or stop it while the server has the turn."""
-        if self._closing or (self._waiting and self._sender is None):
+        if self._closing or (self._waiting and self._sending is None):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
@@ -438,8 +451,9 @@ class POP3Server(Protocol):
     def _timed_out(self) -> None:
         """RFC 1939 §3 autologout: the session ends without UPDATE."""
         self._timer = None
-        self._debug("timeout", sending=self._sender is not None)
-        if self._sender is not None:
+        sending = self._sending is not None or self._output_paused
+        self._debug("timeout", sending=sending)
+        if sending:
             # The client stopped reading mid-message: a reply could never be read, and a graceful
             # close would wait for a buffer that never drains.
             self._closing = self._gone = True
@@ -743,11 +757,11 @@ class POP3Server(Protocol):
         drop = self._current()
 
         def send(data: bytes) -> Deferred[None] | None:
-            sending = self._send(f"{len(data)} octets", dot_stuffed(data))
-            if sending is not None:
-                drop.retrieved += 1
-                drop.retrieved_bytes += len(data)
-            return sending
+            if self._gone:
+                return None
+            drop.retrieved += 1
+            drop.retrieved_bytes += len(data)
+            return self._send(f"{len(data)} octets", data)
 
         return self._retrieve(drop, info, send)
 
@@ -757,7 +771,7 @@ class POP3Server(Protocol):
         lines = parse_line_count(lines_word)
 
         def send(data: bytes) -> Deferred[None] | None:
-            return self._send("Top of message follows", dot_stuffed(top(data, lines)))
+            return self._send("Top of message follows", top(data, lines))
 
         return self._retrieve(self._current(), info, send)
 
