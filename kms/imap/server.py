@@ -84,7 +84,7 @@ from kms.imap.parser import (
 )
 from kms.imap.search import Program, SearchContext, matches, needs_body, needs_details, parse_search
 from kms.limits import REFUSAL_TEXT, Verdict
-from kms.net import set_tcp_nodelay, tcp_transport
+from kms.net import set_tcp_nodelay, tcp_transport, write_now
 from kms.store.interfaces import (
     SYSTEM_FLAGS,
     Account,
@@ -467,7 +467,7 @@ class IMAPServer(Protocol):
             return
         if self._out:
             data, self._out = b"".join(self._out), []
-            self.transport.write(data)  # type: ignore[union-attr]
+            write_now(self.transport, data)
         if self._closing:
             self._gone = True
             self.transport.loseConnection()  # type: ignore[union-attr]

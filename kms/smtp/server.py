@@ -45,7 +45,7 @@ from kms.auth.sasl import Authenticated, Challenge, decode_response, encode_chal
 from kms.clientinfo import ClientInfo
 from kms.limits import REFUSAL_TEXT, SERVER_FULL, Verdict
 from kms.lines import TOO_LONG, LineReader
-from kms.net import set_tcp_nodelay
+from kms.net import set_tcp_nodelay, write_now
 from kms.smtp.commands import DataReader, parse_command, parse_helo, parse_mail, parse_rcpt
 from kms.smtp.interfaces import Envelope, MailBackend, Refusal, Spool
 
@@ -304,7 +304,7 @@ class SMTPServer(Protocol):
             return
         if self._out:
             data, self._out = b"".join(self._out), []
-            self.transport.write(data)  # type: ignore[union-attr]
+            write_now(self.transport, data)
         if self._closing:
             self._gone = True
             self.transport.loseConnection()  # type: ignore[union-attr]
