@@ -191,6 +191,33 @@ class LazyMetaTests(TestCase):
             self.assertEqual(lazy[key], value)
         self.assertNotIn("absent" + "\x00", lazy)
 
+    def test_may_contain(self) -> None:
+        """SEARCH's quick test rules out a message only when the item is there without the text."""
+        lazy = LazyMeta(meta_text({"search": {"from": "ann <ann@x.test>", "subject": "hi"}, "n": "carol"}))
+        self.assertTrue(lazy.may_contain("search", "ann@x"))
+        self.assertTrue(lazy.may_contain("search", "subject"))  # a key: True is always allowed
+        self.assertFalse(lazy.may_contain("search", "carol"))  # in another item only
+        self.assertTrue(lazy.may_contain("absent", "carol"))  # the caller decodes another source
+        self.assertTrue(LazyMeta('{"search": {"from": "x"}}').may_contain("search", "carol"))  # JSON
+        self.assertTrue(LazyMeta("\x00ksearch\x00d\x01from\x01x").may_contain("search", "carol"))  # damaged
+
+    @given(
+        st.dictionaries(
+            st.sampled_from(["search", "s", "searc", "\x00ksearch"]),
+            st.one_of(
+                st.text(max_size=8), st.dictionaries(st.text(max_size=4), st.text(max_size=6), max_size=3)
+            ),
+            max_size=3,
+        ),
+        st.text(max_size=3),
+    )
+    def test_may_contain_never_rules_out_a_match(self, meta: dict[str, object], text: str) -> None:
+        value = meta.get("search")
+        strings = [value] if isinstance(value, str) else [] if value is None else [*value, *value.values()]
+        if not LazyMeta(meta_text(meta)).may_contain("search", text):
+            self.assertIn("search", meta)
+            self.assertFalse(any(text in string for string in strings))
+
     def test_damaged_flat_text(self) -> None:
         """A damaged row reads as missing items, never as an exception from FETCH's ``get``."""
         lazy = LazyMeta("\x00kENVELOPE\x00s(NIL")

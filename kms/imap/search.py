@@ -31,7 +31,7 @@ from typing import Any
 
 from kms.imap.parser import ParseError, number, parse_date, parse_sequence_set, resolve_set
 from kms.imap.sections import Entity, field_text, fields, header_fields, mime_tree
-from kms.store.interfaces import MessageInfo
+from kms.store.interfaces import MessageInfo, may_contain
 
 MAX_DEPTH = 100  # nesting of NOT / OR / parentheses
 MAX_NUMBER = 2**63 - 1  # LARGER, SMALLER, OLDER, YOUNGER (number64, as IMAP4rev2 has them)
@@ -359,6 +359,8 @@ def _header_key(name: str) -> _Match:
     field_name = name.lower()
 
     def match(args: tuple[Any, ...], info: MessageInfo, seq: int, context: SearchContext) -> bool:
+        if not may_contain(info.meta, "search", args[0]):  # most messages: their texts stay undecoded
+            return False
         text = _header_text(info, field_name)
         return text is not None and args[0] in text
 

@@ -370,6 +370,21 @@ class LazyMeta(Mapping[str, object]):
         value = items[key] = _flat_decoded(raw, start, end)
         return value
 
+    def may_contain(self, key: str, text: str) -> bool:
+        """False only when item ``key`` is here and ``text`` is in none of its strings (a dict's
+        keys and values included): the flat form holds them verbatim, so no decoding is needed
+        to rule a message out.  A JSON text (escaped), a missing item or one already decoded (the
+        caller's lookup is as quick as this test then) says True."""
+        items = self._items
+        if items is not None and key in items:
+            return True
+        raw = self.raw
+        if not raw.startswith(_FLAT):
+            return True
+        at = raw.find(f"\x00k{key}\x00")
+        end = raw.find(_FLAT, at + len(key) + 3)
+        return at < 0 or end < 0 or raw.find(text, at + len(key) + 3, end) >= 0
+
     def __getitem__(self, key: str) -> object:
         value = self.get(key, _MISSING)
         if value is _MISSING:

@@ -102,6 +102,14 @@ def message_info(
     return MessageInfo(uid, size, internal_date, flags, KnownDetails(headers, meta))
 
 
+def may_contain(meta: Mapping[str, object], key: str, text: str) -> bool:
+    """False only when ``meta[key]`` is there and no string in it can contain ``text``: a
+    SEARCH's quick test before it decodes a cached meta's item (the store's stored form,
+    `kms.store.index.LazyMeta`, can tell at C speed); True for any other mapping."""
+    test: Callable[[str, str], bool] | None = getattr(meta, "may_contain", None)
+    return True if test is None else test(key, text)
+
+
 @dataclass(frozen=True)
 class FolderEvent:
     """What changed in a folder since a session last looked; sent to every other open view.
