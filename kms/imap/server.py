@@ -100,8 +100,10 @@ BACKLOG_LIMIT = 64 * 1024
 # Messages rendered per cooperative step: from the index alone, and with their files read (SEARCH).
 META_BATCH = 500
 BODY_BATCH = 16
-# FETCH reads the files of up to this many bytes (wire sizes; at least one message) in one store job.
-BODY_BYTES = 1 << 20
+# FETCH reads the files of up to this many bytes (wire sizes; at least one message) in one store job
+# and sends their responses before reading more, so the client reads a batch while the next is read
+# (100 bodies of 4 KB: 3.7-3.9 ms with 1 MiB batches, 2.4-2.6 ms with these; same server CPU).
+BODY_BYTES = 64 << 10
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED = "not-authenticated", "authenticated", "selected"
 _ANY = frozenset({NOT_AUTHENTICATED, AUTHENTICATED, SELECTED})
