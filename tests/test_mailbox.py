@@ -651,6 +651,22 @@ class LazyDetailsTests(StoreCase):
         self.assertTrue(fresh.called)  # nothing to read: no lock, no thread hop
         self.assertEqual(view.messages[3].meta["subject"], "four")
 
+    async def test_a_batch_reads_its_range_or_just_its_messages(self) -> None:
+        """A FETCH batch of a sequence range (dense UIDs) is read as one UID range, the rows between
+        included; a scattered set reads only its own."""
+        account = await self.account()
+        for name in ("one", "two", "three", "four", "five", "six", "seven", "eight"):
+            await account.append("INBOX", message(name))
+        view = await self.open(store=self.new_store(), details=False)
+        await view.details([view.messages[0], view.messages[7]])  # UIDs 1 and 8: scattered
+        self.assertEqual([view.messages[n].meta["subject"] for n in (0, 7)], ["one", "eight"])
+        with self.assertRaises(DetailsNotLoaded):
+            _ = view.messages[1].meta
+        await view.details([view.messages[1], view.messages[3]])  # UIDs 2 and 4: dense
+        self.assertEqual([view.messages[n].meta["subject"] for n in (1, 2, 3)], ["two", "three", "four"])
+        with self.assertRaises(DetailsNotLoaded):
+            _ = view.messages[4].meta
+
     async def test_many_at_once_read_the_whole_folder(self) -> None:
         self.patch(mailbox_module, "_DETAILS_BY_UID", 1)
         view, _ = await self.cold()

@@ -1137,8 +1137,6 @@ class IMAPServer(Protocol):
     ) -> Iterator[Deferred[Any] | None]:
         view = self._selected_view()
         messages = view.messages
-        if plan.needs_details:
-            yield view.details(chain.from_iterable(messages[a:b] for a, b in ranges))
         indices = chain.from_iterable(range(a, b) for a, b in ranges)
         batches = (
             _body_batches(messages, indices)
@@ -1147,6 +1145,8 @@ class IMAPServer(Protocol):
         )
         out: list[bytes] = []
         for batch in batches:
+            if plan.needs_details:
+                yield view.details([messages[i] for i in batch])
             bodies: dict[int, bytes] = {}
             failed: list[Failure] = []
             if plan.needs_body:

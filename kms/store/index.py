@@ -719,6 +719,11 @@ class IndexCache:
         is not reset under it."""
         if uids is None:
             rows = self._db.execute("SELECT uid, headers, meta FROM messages").fetchall()
+        elif uids and (low := min(uids)) + 2 * len(uids) > (high := max(uids)):
+            # Dense (a FETCH batch of a sequence range): one walk of the primary key, not an IN
+            # list; the few rows between that were not asked for are the folder's all the same.
+            query = "SELECT uid, headers, meta FROM messages WHERE uid BETWEEN ? AND ?"
+            rows = self._db.execute(query, (low, high)).fetchall()
         else:
             rows = []
             for at in range(0, len(uids), _DETAILS_PER_QUERY):
