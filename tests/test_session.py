@@ -304,6 +304,17 @@ class LoginSessionTests(TestCase):
         self.assertEqual(session.begin("PLAIN").name, "PLAIN")
         self.assertEqual(self.security_log(), ['mechanism-refused method=PLAIN reason="PLAIN requires TLS"'])
 
+    def test_an_exchange_ends_at_the_next_begin_and_at_logout(self) -> None:
+        """What a mechanism holds for the client's next answer (an NTLM helper) is given back when
+        the client starts over or leaves, and the old exchange takes no more steps."""
+        first = self.session.begin("LOGIN")
+        self.successResultOf(first.step(None))
+        second = self.session.begin("LOGIN")
+        self.failureResultOf(first.step(b"bob@example.test"), StepOutOfOrder)
+        self.successResultOf(second.step(None))
+        self.session.logout()
+        self.failureResultOf(second.step(b"bob@example.test"), StepOutOfOrder)
+
     def test_begin_unknown(self) -> None:
         self.assertRaises(MechanismUnavailable, self.session.begin, "CRAM-MD5")
         self.assertEqual(

@@ -373,6 +373,20 @@ class HelperChallengeTests(TestCase):
         for bad in [good[:47], good[:8] + b"\3" + good[9:], good[:40] + b"\xff\xff" + good[42:]]:
             self.assertRaises(MalformedResponse, parse_challenge, bad, negotiate)
 
+    async def test_abandoned_exchange_gives_its_helper_back(self) -> None:
+        """A client that leaves (or starts over) between CHALLENGE and AUTHENTICATE: the session
+        aborts the mechanism and the helper is free at once, not after ``lease_timeout``."""
+        pool = _helper_pool(self, _empty_smb_conf(self), size=1, lease_timeout=600)
+        mechanism = DirectoryNTLM(cast(MechanismSession, PortalSession(Portal(Realm(), []))), NAMES, pool)
+        self.assertIsInstance(await mechanism.step(None), Challenge)
+        negotiate = spnego.client("a", "b", protocol="ntlm").step()
+        self.assertIsInstance(await mechanism.step(negotiate), Challenge)
+        waiting = pool.lease()
+        self.assertNoResult(waiting)
+        mechanism.abort()
+        self.successResultOf(waiting).release()
+        self.assertEqual(pool.spawned, 1)
+
     async def test_helper_reused(self) -> None:
         for _ in range(3):
             exchange = WinbindExchange(self.pool, NAMES)

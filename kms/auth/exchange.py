@@ -103,6 +103,10 @@ class ISASLMechanism(Interface):
         or `StepOutOfOrder` once the exchange is over.
         """
 
+    def abort() -> None:
+        """The exchange is over for the connection (a new one began, it logged out or left):
+        give back what it holds for the client's next answer.  Safe at any time, repeatedly."""
+
 
 @implementer(ISASLMechanism)
 class Mechanism(ABC):
@@ -135,6 +139,10 @@ class Mechanism(ABC):
         self._busy = False
         self._finished = not isinstance(result, Challenge)
         return result
+
+    def abort(self) -> None:
+        """No further step; a mechanism holding more than its own state gives it back too."""
+        self._finished = True
 
     @abstractmethod
     def _advance(self, response: bytes | None) -> StepResult:

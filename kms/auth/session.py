@@ -117,6 +117,7 @@ class LoginSession:
         self._master_proven = False  # X-MASTERAUTH succeeded: the next login needs no password
         self._logout: Callable[[], None] | None = None
         self._verified: _Verified | None = None
+        self._exchange: ISASLMechanism | None = None  # the last one begun, until the next or logout
         self.protocol = PROTOCOLS.get(client.listener, client.listener)
 
     @property
@@ -141,12 +142,14 @@ class LoginSession:
     def begin(self, name: str) -> ISASLMechanism:
         """Start a SASL exchange; `MechanismUnavailable` (or `EncryptionRequired`) if refused here."""
         self._abandon()
+        self._abort_exchange()
         # The security policy (SPEC §5) decides inside the engine, before the mechanism exists.
         try:
-            return self._engine.create(name, self)
+            exchange = self._exchange = self._engine.create(name, self)
         except MechanismUnavailable as e:
             self._security("mechanism-refused", method=name, reason=str(e))
             raise
+        return exchange
 
     def login_plaintext(self, username: str, password: str, method: str) -> Deferred[Authenticated]:
         """IMAP LOGIN and POP3 USER/PASS: the same gate and path as SASL PLAIN."""
@@ -260,6 +263,7 @@ class LoginSession:
     def logout(self) -> None:
         """Release the avatar (on connection loss or re-login); safe to call any number of times."""
         self._abandon()
+        self._abort_exchange()
         logout, self._logout = self._logout, None
         self._client.identity = None
         if logout is not None:
@@ -267,6 +271,12 @@ class LoginSession:
 
     def _security(self, event: str, **fields: object) -> None:
         self._logs.security(event, self._client, protocol=self.protocol, **fields)
+
+    def _abort_exchange(self) -> None:
+        """The last SASL exchange `begin` made is over for this connection, finished or not."""
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.abort()
 
     def _abandon(self) -> None:
         """Release credentials verified for an exchange the client never finished."""

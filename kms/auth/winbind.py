@@ -690,9 +690,16 @@ class DirectoryNTLM(NTLM):
         return d.addBoth(self._released)
 
     def _released(self, result: Any) -> Any:
+        self.abort()
+        return result
+
+    def abort(self) -> None:
+        """A client that cancels, starts over or leaves between CHALLENGE and AUTHENTICATE gives
+        its helper back now, not after ``lease_timeout`` (a pool of four would otherwise be held
+        by four dropped connections)."""
+        super().abort()
         if self._exchange is not None:
             self._exchange.release()
-        return result
 
 
 def directory_ntlm(
