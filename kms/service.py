@@ -29,7 +29,13 @@ from twisted.python.threadpool import ThreadPool
 
 from kms import __version__
 from kms.auth.checkers import CompositeChecker, LocalUserChecker, UnlessDisabledHere
-from kms.auth.directory import Directory, DirectoryChecker, DirectoryClient, DirectorySettings
+from kms.auth.directory import (
+    Directory,
+    DirectoryChecker,
+    DirectoryClient,
+    DirectorySettings,
+    lockout_account,
+)
 from kms.auth.lockout import Lockout, LockoutDB, LockoutSettings
 from kms.auth.master import Master
 from kms.auth.ntlm import NTLM
@@ -257,11 +263,14 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     checkers: list[ICredentialsChecker] = [local_users]
     ntlm: MechanismFactory = partial(NTLM, allow_v1=cfg.security.allow_ntlmv1)
     directory: Directory | None = None
+    directory_account: Callable[[str], str | None] | None = None
     if cfg.directory is not None:
         # The directory's own pool: a slow DC must not hold the user DB's threads.
         directory_pool = ThreadPool(minthreads=0, maxthreads=4, name="kms-directory")
         _Stoppable("directory-pool", directory_pool.start, directory_pool.stop).setServiceParent(top)
-        client = DirectoryClient(DirectorySettings.from_config(cfg.directory))
+        directory_settings = DirectorySettings.from_config(cfg.directory)
+        directory_account = partial(lockout_account, settings=directory_settings)
+        client = DirectoryClient(directory_settings)
         directory = Directory(client, directory_pool, reactor, logs=logs)
         # NTLM for directory users (winbind's ntlm_auth): its checker right after the local users',
         # before the directory's, which refuses every other challenge method for directory users.
@@ -328,6 +337,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
             exempt_known_ips=cfg.lockout.exempt_known_ips,
             excepted=exception_group.contains,
             default_domain=default_domain,
+            directory_account=directory_account,
         )
         lockout = Lockout(lockout_db, lockout_settings, auth_pool, reactor, reactor, logs=logs)
 

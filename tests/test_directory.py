@@ -30,6 +30,7 @@ from kms.auth.directory import (
     LoginName,
     bind_refusal,
     filetime,
+    lockout_account,
     mailbox_address,
     member_filter,
     parse_login,
@@ -90,6 +91,14 @@ class LoginNameTests(TestCase):
         for name in ("", "alice@example.test", "OTHER\\alice", "KMS\\", "\\alice", "@mail.test",
                      "alice\x00", "ali\nce", "alice\r", "a" * 257, "\u202ealice"):
             self.assertIsNone(parse_login(name, SETTINGS), repr(name))
+
+    def test_lockout_account(self) -> None:
+        """The directory's name forms of one account count as one for lockout; other names, and a
+        bare name (which lockout qualifies with the default domain), are left to lockout."""
+        for name in ("KMS\\Alice", "kms.test\\alice", "alice@KMS.test", "alice@mail.test", " alice@kms.test"):
+            self.assertEqual(lockout_account(name, SETTINGS), "alice@mail.test", name)
+        for name in ("alice", "alice@example.test", "OTHER\\alice", "KMS\\", "ali\nce@kms.test"):
+            self.assertIsNone(lockout_account(name, SETTINGS), repr(name))
 
     def test_realm(self) -> None:
         self.assertEqual(realm_of("DC=kms,DC=test"), "kms.test")

@@ -248,6 +248,18 @@ class DirectoryEndToEndTests(_DirectoryServer):
         self.assertEqual(len(messages), 3)
         self.assertEqual(len(self.server.messages("de-bob@kms.test")), 1)
 
+    async def test_lockout_counts_every_name_form_as_one_account(self) -> None:
+        """attempts = 3: one wrong password under each of three forms of one name locks the account;
+        the right password under a fourth form is then refused as locked."""
+        self.dc.add_user("de-forms", OTHER_PASSWORD, groups=["de-mail"])
+        for i, user in enumerate(("KMS\\de-forms", "kms.test\\de-forms", "de-forms@kms.test")):
+            self.assertEqual(await self.attempt("imap", "LOGIN", user, f"wrong {i}"),
+                             "[AUTHENTICATIONFAILED] Authentication failed")  # fmt: skip
+        self.assertIn("lockout-locked", self.security_log())
+        refused = await self.attempt("pop3", "USER", "de-forms", OTHER_PASSWORD)
+        self.assertEqual(refused, "-ERR [AUTH] Authentication failed")
+        self.assertIn("login-refused-locked protocol=pop3 user=de-forms", self.security_log())
+
     async def test_dc_down(self) -> None:
         """DC stopped: temporary failures, never counted (attempts = 3, four tries); local users work."""
         self.dc.stop()

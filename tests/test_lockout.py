@@ -10,6 +10,7 @@ import io
 import sqlite3
 import threading
 from contextlib import redirect_stdout
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from kms.auth.checkers import CompositeChecker, LocalUserChecker
+from kms.auth.directory import DirectorySettings, lockout_account
 from kms.auth.errors import TemporaryAuthFailure
 from kms.auth.lockout import (
     KNOWN_IP_PERIOD,
@@ -234,6 +236,23 @@ class SessionLockoutTests(TestCase):
         self.clock.advance(WINDOW)
         self.assertTrue(self.attempt("192.0.2.1", PASSWORD))
         self.assertIn("lockout-expired", self.events())
+
+    def test_directory_name_forms_count_as_one_account(self) -> None:
+        """With a directory, ``KMS\\bob``, ``bob@<realm>`` and ``bob@<mail domain>`` are one account:
+        another form buys no more attempts."""
+        directory = DirectorySettings(
+            uri="ldaps://dc.kms.test", start_tls=False, base_dn="DC=kms,DC=test", domain="KMS",
+            mail_domain="example.test", bind_dn="CN=svc", bind_password="x",
+        )  # fmt: skip
+        settings = LockoutSettings(
+            3, WINDOW, True, lambda ip: False, "example.test", partial(lockout_account, settings=directory)
+        )
+        pool: Any = ImmediateThreadPool()
+        self.lockout = Lockout(self.db, settings, pool, ImmediateReactor(), self.clock)
+        for i, name in enumerate(("KMS\\bob", "bob@kms.test", "bob@example.test")):
+            self.assertFalse(self.attempt("192.0.2.1", f"wrong{i}", user=name))
+        self.assertIn("lockout-locked", self.events())
+        self.assertFalse(self.attempt("192.0.2.1", PASSWORD))
 
     def test_same_wrong_password_counts_once(self) -> None:
         for _ in range(5):

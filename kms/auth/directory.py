@@ -217,6 +217,18 @@ def parse_login(name: str, settings: DirectorySettings) -> LoginName | None:
     return LoginName(name, (f"{name}@{settings.mail_domain}",))
 
 
+def lockout_account(name: str, settings: DirectorySettings) -> str | None:
+    """``alice@<mail_domain>`` for ``DOMAIN\\alice`` and ``alice@<realm>``, the directory's other
+    forms of that login name, so lockout counts them as one account (trying another form buys no
+    more attempts); None for any other name, which lockout keys as it always does (a bare
+    ``alice`` with the default domain, the first local one).  An alias or principal name that
+    differs from the account name is not known without a search and stays its own account."""
+    login = parse_login(name.strip(), settings)
+    if login is None or ("\\" not in name and "@" not in name):
+        return None
+    return f"{login.account}@{settings.mail_domain}".lower()
+
+
 def user_filter(login: LoginName) -> str:
     """The search filter for ``login``; every value escaped (``*``, ``(``, ``)``, ``\\``, NUL)."""
     alternatives = [f"(sAMAccountName={escape_filter_chars(login.account)})"]

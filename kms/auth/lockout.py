@@ -254,6 +254,8 @@ class LockoutSettings:
     exempt_known_ips: bool
     excepted: Callable[[str], bool]
     default_domain: str = ""
+    # The directory's one account for a login name in another of its forms (None: not one).
+    directory_account: Callable[[str], str | None] | None = None
 
 
 def account_name(username: str, default_domain: str) -> str:
@@ -290,7 +292,13 @@ class Lockout:
         self._unsaved = Throttle(clock, UNSAVED_REPORT_INTERVAL)
 
     def account(self, username: str) -> str:
-        return account_name(username, self._settings.default_domain)
+        """The key a login's failures are counted under: one per account, whatever name form."""
+        settings = self._settings
+        if settings.directory_account is not None:
+            account = settings.directory_account(username)
+            if account is not None:
+                return account
+        return account_name(username, settings.default_domain)
 
     def _run(self, func: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, func, *args)
