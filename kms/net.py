@@ -51,12 +51,12 @@ def write_now(transport: object, data: bytes) -> None:
     if (
         type(transport) is _Server
         and not transport.TLS  # after STARTTLS the same object writes through the TLS layer
-        and transport.connected  # type: ignore[attr-defined]
-        and not transport.disconnecting  # type: ignore[attr-defined]
+        and transport.connected
+        and not transport.disconnecting
         and not getattr(transport, "_tempDataBuffer", True)
-        and len(transport.dataBuffer) == transport.offset  # type: ignore[attr-defined]
+        and len(transport.dataBuffer) == transport.offset
     ):
-        sent = transport.writeSomeData(data)  # type: ignore[attr-defined]
+        sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             data = data[sent:]
     if data:

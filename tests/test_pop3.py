@@ -1240,6 +1240,21 @@ class LimitTests(POP3TestCase):
         self.assertTrue(conn.take().endswith(b".\r\n" + b"+OK\r\n" * count))
 
 
+    def test_backlog_behind_a_client_that_does_not_read(self) -> None:
+        """Commands from a client that does not read its replies wait, and reading pauses once
+        they pass BACKLOG_LIMIT: memory stays bounded either way."""
+        conn = self.logged_in()
+        conn.transport.buffer_limit = 1
+        conn.send(b"NOOP\r\n")  # its reply fills the buffer
+        count = BACKLOG_LIMIT // 6 + 1
+        self.assertEqual(conn.send(b"NOOP\r\n" * count), b"")
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.transport.buffer_limit = None
+        conn.transport.drain()
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertEqual(conn.take(), b"+OK\r\n" * count)
+
+
 class TimeoutTests(POP3TestCase):
     def test_idle_timeout(self) -> None:
         """command_timeout (10 minutes) of silence: -ERR, closed, no UPDATE; any input restarts it."""

@@ -5,9 +5,10 @@ the response codes of RFC 2449/3206.
 Twisted's ``twisted.mail.pop3`` is not usable (audit §2, bugs P1–P7), so this protocol does its
 own buffering on a plain `Protocol`, the way `kms.smtp.server` does:
 
-* One command at a time.  While a command waits for the login session or the store, or while a
-  message is being sent, further input is only buffered (and the transport paused once the backlog
-  passes `BACKLOG_LIMIT`), so pipelined replies always come out in order.
+* One command at a time.  While a command waits for the login session or the store, while a
+  message is being sent, or while the client does not read its replies, further input is only
+  buffered (and reading paused once the backlog passes `BACKLOG_LIMIT`), so pipelined replies
+  always come out in order.
 * Memory is bounded whatever the client sends: a line over ``max_line`` is refused and the rest of
   it dropped as it arrives.  The protocol is its transport's streaming producer: while the
   transport's buffer is full (the client is not reading) no further command runs, and a message
@@ -326,8 +327,8 @@ class POP3Server(Protocol):
         self._error("Line too long")
 
     def _backpressure(self) -> None:
-        """Pause the transport while a waiting command has a large backlog behind it."""
-        want_pause = self._waiting and len(self._inbox) > BACKLOG_LIMIT
+        """Pause reading while a large backlog waits behind a command or a client that does not read."""
+        want_pause = (self._waiting or self._output_paused) and len(self._inbox) > BACKLOG_LIMIT
         if self._gone or want_pause == self._paused:
             return
         self._paused = want_pause
