@@ -31,7 +31,7 @@ from kms.clientinfo import ClientInfo
 from kms.imap import server as imap_server
 from kms.imap.message import analyze
 from kms.imap.parser import MAX_LINE, list_matcher
-from kms.imap.server import IMAPFactory, IMAPServer, IMAPSettings, list_selection
+from kms.imap.server import BACKLOG_LIMIT, IMAPFactory, IMAPServer, IMAPSettings, list_selection
 from kms.ipgroups import parse_group
 from kms.store.index import FolderDetails
 from kms.store.interfaces import FolderEvent, FolderListing, FolderStatus, MailboxError, MessageInfo
@@ -1727,7 +1727,19 @@ class BulkTests(IMAPTestCase):
         while ticks:
             ticks.pop(0)()
         self.assertTrue(conn.take().endswith(b"f OK FETCH completed\r\n"))
-        self.assertIsNone(conn.transport.producer)
+        self.assertIs(conn.transport.producer, conn.protocol)  # the connection's, for good
+
+    def test_commands_wait_for_a_client_that_does_not_read(self) -> None:
+        """Commands from a client whose responses fill the buffer wait, and reading pauses once
+        they pass BACKLOG_LIMIT: what the server holds stays bounded."""
+        conn = self.selected()
+        conn.protocol.pauseProducing()  # the transport's buffer is full
+        count = BACKLOG_LIMIT // len(b"n NOOP\r\n") + 1
+        self.assertEqual(conn.send(b"n NOOP\r\n" * count), b"")
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.protocol.resumeProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertEqual(conn.take(), b"n OK NOOP completed\r\n" * count)
 
     def test_client_that_stops_reading_is_dropped(self) -> None:
         self.fill(600)

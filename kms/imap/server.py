@@ -345,6 +345,7 @@ class IMAPServer(Protocol):
         self.client = ClientInfo.from_transport(self.transport, settings.listener, settings.implicit_tls)
         self._session = self._session_factory(self.client)
         set_tcp_nodelay(self.transport)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._debug("connect")
         product = "" if settings.hide_version else f" kms {__version__}"
         self._untagged(f"OK [CAPABILITY {self._capabilities()}] {settings.hostname}{product} IMAP4rev1 ready")
@@ -365,7 +366,9 @@ class IMAPServer(Protocol):
         self._session.logout()
         self._debug("disconnect", errors=self._errors)
 
-    # IPushProducer: the transport's write buffer is full (or drained again).
+    # IPushProducer, for the whole connection: the transport's write buffer is full (or drained
+    # again).  While it is full a long response's task waits and no further command runs, so a
+    # client that does not read its responses cannot make us hold more than the buffer.
 
     def pauseProducing(self) -> None:
         if not self._output_paused:
@@ -380,6 +383,7 @@ class IMAPServer(Protocol):
             if self._task is not None:
                 self._task.resume()
             self._arm_timer()
+            self._pump()
 
     def stopProducing(self) -> None:
         """The connection is going away; `connectionLost` cleans up."""
@@ -394,7 +398,7 @@ class IMAPServer(Protocol):
             return
         self._pumping = True
         try:
-            while not self._closing:
+            while not self._closing and not self._output_paused:
                 if self._line_consumer is not None:
                     line = self._reader.next_line()
                     if line is None:
@@ -429,8 +433,9 @@ class IMAPServer(Protocol):
             self._dispatch(event)
 
     def _backpressure(self) -> None:
-        """Pause the transport while a waiting command has a large backlog behind it."""
-        want_pause = self._waiting and self._line_consumer is None and self._reader.buffered > BACKLOG_LIMIT
+        """Pause reading while a large backlog waits behind a command or a client that does not read."""
+        held = (self._waiting and self._line_consumer is None) or self._output_paused
+        want_pause = held and self._reader.buffered > BACKLOG_LIMIT
         if self._gone or want_pause == self._paused:
             return
         self._paused = want_pause
@@ -472,6 +477,8 @@ class IMAPServer(Protocol):
             write_now(self.transport, data)
         if self._closing:
             self._gone = True
+            # A registered producer would hold the close back until it unregisters (Twisted).
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     # --- running commands -------------------------------------------------------------------------
@@ -547,16 +554,14 @@ class IMAPServer(Protocol):
         _log.failure("IMAP {event} for {client}", failure, event=event, client=self.client.describe())
 
     def _bulk(self, work: Iterator[Deferred[Any] | None]) -> Deferred[Any]:
-        """Run a long response as a cooperative task; writing is paused while the client doesn't read."""
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        """Run a long response as a cooperative task; it is paused while the client doesn't read."""
         task = self._task = self._cooperator.cooperate(work)
+        if self._output_paused:
+            task.pause()
 
         def done(result: object) -> object:
             self._task = None
-            if not self._gone:
-                self.transport.unregisterProducer()  # type: ignore[union-attr]
-                self._output_paused = False
-                self._flush()
+            self._flush()
             return result
 
         return task.whenDone().addBoth(done)
