@@ -717,6 +717,21 @@ class PipeliningTests(SMTPServerTestCase):
         self.assertEqual(conn.transport.producerState, "producing")
         self.assertEqual(conn.take(), b"250 2.1.0 Ok\r\n" + b"250 2.0.0 Ok\r\n" * (BACKLOG_LIMIT // 6 + 1))
 
+    def test_commands_wait_for_a_client_that_does_not_read(self) -> None:
+        """While the client's replies fill the transport's buffer no command runs (past
+        BACKLOG_LIMIT reading pauses); a message's data, which makes no reply, still flows."""
+        conn = self.ehlo(max_errors=10**6)
+        conn.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+        conn.protocol.pauseProducing()  # the transport's buffer is full
+        self.assertEqual(conn.send(b"Subject: s\r\n\r\nbody\r\n"), b"")
+        count = BACKLOG_LIMIT // 6 + 1
+        self.assertEqual(conn.send(b".\r\n" + b"NOOP\r\n" * count), b"250 2.0.0 Ok: queued as QID1\r\n")
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.protocol.resumeProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertEqual(conn.take(), b"250 2.0.0 Ok\r\n" * count)
+        self.assertEqual(self.backend.delivered[0][1], b"Subject: s\n\nbody\n")
+
     def test_disconnect_while_waiting(self) -> None:
         """A late backend answer after the client left writes nothing and runs no buffered command."""
         conn = self.ehlo()

@@ -4,9 +4,11 @@
 Twisted's own SMTP server is not usable (audit §1.3, bugs S1–S10), so this protocol does its own
 buffering on a plain `Protocol`:
 
-* One command at a time.  While a command waits for the backend or the login session, further
-  input is only buffered (and the transport paused once the backlog passes `BACKLOG_LIMIT`), so
-  pipelined replies always come out in order (S6).
+* One command at a time.  While a command waits for the backend or the login session, or while
+  the client does not read its replies (the protocol is its transport's streaming producer),
+  further commands are only buffered (and reading paused once the backlog passes
+  `BACKLOG_LIMIT`), so pipelined replies always come out in order (S6) and what the server holds
+  for a client stays bounded.
 * Memory is bounded whatever the client sends: an over-long command line is refused and the rest
   of it dropped as it arrives (S5); DATA streams through `DataReader` straight into the spool and
   never returns to command mode before the end marker, whatever its line lengths (S4).
@@ -29,10 +31,11 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from kms.auth.errors import (
     AuthenticationFailed,
@@ -133,6 +136,7 @@ class _DataPhase:
     problem: Refusal | None = None  # set once the body is refused; the spool is then discarded
 
 
+@implementer(IPushProducer)
 class SMTPServer(Protocol):
     """One SMTP connection: bytes in, calls on the backend and login session out, replies back.
 
@@ -168,6 +172,7 @@ class SMTPServer(Protocol):
         self._waiting = False  # a command's Deferred has the turn
         self._pumping = False
         self._paused = False
+        self._output_paused = False  # the transport's write buffer is full
         self._closing = False  # the last reply is queued: no more input is read
         self._gone = False  # the transport is closed: nothing more is written
         self._out: list[bytes] = []
@@ -197,6 +202,7 @@ class SMTPServer(Protocol):
         self.client = ClientInfo.from_transport(self.transport, settings.listener, settings.implicit_tls)
         self._session = self._session_factory(self.client)
         set_tcp_nodelay(self.transport)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._debug("connect")
         self._line(f"220 {settings.hostname} {settings.banner}".rstrip())
         self._arm_timer()
@@ -215,6 +221,19 @@ class SMTPServer(Protocol):
         self._session.logout()
         self._debug("disconnect", errors=self._errors)
 
+    # IPushProducer: the transport's write buffer is full (or drained again).
+
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        if not self._waiting:
+            self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; `connectionLost` cleans up."""
+
     # --- input ------------------------------------------------------------------------------------
 
     def _pump(self, data: bytes = b"") -> None:
@@ -228,8 +247,10 @@ class SMTPServer(Protocol):
                 if data and self._data is not None and not self._waiting and not self._inbox:
                     data = self._feed_data(self._data, data)  # the common case: no copy into the inbox
                 self._inbox += data
-                while self._inbox and not self._waiting and not self._closing and self._step():
-                    pass
+                # A message's data goes on while replies wait to be read: it makes none of its own.
+                while self._inbox and not (self._waiting or self._closing):
+                    if (self._output_paused and self._data is None) or not self._step():
+                        break
         except Exception:
             # Somewhere between states: nothing sensible can follow.
             self._internal_error("smtp-internal-error", Failure())
@@ -264,8 +285,8 @@ class SMTPServer(Protocol):
         self._reply(500, "5.5.2", "Line too long")
 
     def _backpressure(self) -> None:
-        """Pause the transport while a waiting command has a large backlog behind it."""
-        want_pause = self._waiting and len(self._inbox) > BACKLOG_LIMIT
+        """Pause reading while a large backlog waits behind a command or a client that does not read."""
+        want_pause = (self._waiting or self._output_paused) and len(self._inbox) > BACKLOG_LIMIT
         if self._gone or want_pause == self._paused:
             return
         self._paused = want_pause
@@ -307,6 +328,8 @@ class SMTPServer(Protocol):
             write_now(self.transport, data)
         if self._closing:
             self._gone = True
+            # A registered producer would hold the close back until it unregisters (Twisted).
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     # --- waiting on Deferreds ---------------------------------------------------------------------
