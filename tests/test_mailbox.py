@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -939,6 +940,27 @@ class ViewTests(StoreCase):
         self.assertEqual(sum(n.endswith(":2,S") for n in self.cur()), 3)
         reopened = await self.open(store=self.new_store())
         self.assertEqual([m.flags for m in reopened.messages], [{"\\Seen"}, {"\\Seen", "work"}, {"\\Seen"}])
+
+    async def test_store_reports_changes_as_it_renames(self) -> None:
+        """``progress`` gets the changed messages batch by batch, on the reactor thread, before
+        the result; an unchanged message and a file that vanished are not in any batch."""
+        self.patch(index_module, "SET_FLAGS_BATCH", 2)
+        account = await self.account()
+        for name in ("a", "b", "c", "d", "e"):
+            await account.append("INBOX", message(name), ["\\Seen"] if name == "c" else [])
+        view = await self.open()
+        fourth = next(n for n in self.cur() if b"Subject: d" in (self.root / "cur" / n).read_bytes())
+        os.unlink(self.root / "cur" / fourth)
+        batches: list[tuple[list[int], bool]] = []
+
+        def progress(infos: Sequence[MessageInfo]) -> None:
+            batches.append(([i.uid for i in infos], threading.current_thread() is threading.main_thread()))
+
+        infos = await view.store([1, 2, 3, 4, 5], ["\\Seen"], "+", progress)
+        self.assertEqual(batches, [([1, 2], True), ([5], True)])
+        seen, unseen = {"\\Seen"}, set()
+        self.assertEqual([i.flags for i in infos], [seen, seen, seen, unseen, seen])  # 4: as it was
+        self.assertEqual([m.flags for m in view.messages], [seen, seen, seen, unseen, seen])
 
     async def test_readonly_view_refuses_changes(self) -> None:
         await (await self.account()).append("INBOX", message("a"), ["\\Deleted"])

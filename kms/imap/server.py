@@ -1186,25 +1186,43 @@ class IMAPServer(Protocol):
         if not uids:
             return ("OK", "", "STORE completed")
 
-        def stored(infos: Sequence[MessageInfo]) -> Reply:
+        answered: set[int] = set()
+
+        def announce(infos: Sequence[MessageInfo]) -> None:
             if request.mode != "-" and infos:
-                self._new_keywords(request.flags)
+                self._new_keywords(request.flags)  # before a FETCH that shows them
+
+        def changed(infos: Sequence[MessageInfo]) -> None:
+            """Changes reported while the store renames the rest: the client reads them meanwhile."""
+            if self._gone:
+                return
+            announce(infos)
+            answered.update(map(_uid_of, infos))
+            self._write(self._flags_lines(infos, uid))
+
+        def stored(infos: Sequence[MessageInfo]) -> Reply:
+            announce(infos)
             if request.silent:
                 return ("OK", "", "STORE completed")
-            d = self._bulk(self._flags_work(infos, uid))
+            rest = [info for info in infos if info.uid not in answered] if answered else infos
+            d = self._bulk(self._flags_work(rest, uid))
             return d.addCallback(lambda _: ("OK", "", "STORE completed"))
 
-        return view.store(uids, request.flags, request.mode).addCallback(stored)
+        progress = None if request.silent else changed
+        return view.store(uids, request.flags, request.mode, progress).addCallback(stored)
 
     def _flags_work(self, infos: Sequence[MessageInfo], uid: bool) -> Iterator[None]:
         for start in range(0, len(infos), META_BATCH):
-            batch = infos[start : start + META_BATCH]
-            seqs = self._seqs_of([info.uid for info in batch])
-            if 0 in seqs:  # unknown to this client (cannot happen for its own STORE; kept safe)
-                batch = [info for info, seq in zip(batch, seqs, strict=True) if seq]
-                seqs = [seq for seq in seqs if seq]
-            self._write(flags_responses(seqs, batch, uid))
+            self._write(self._flags_lines(infos[start : start + META_BATCH], uid))
             yield None
+
+    def _flags_lines(self, infos: Sequence[MessageInfo], uid: bool) -> list[bytes]:
+        """The untagged FETCH FLAGS of ``infos`` (ascending UIDs) in this session's numbers."""
+        seqs = self._seqs_of([info.uid for info in infos])
+        if 0 in seqs:  # unknown to this client (cannot happen for its own STORE; kept safe)
+            infos = [info for info, seq in zip(infos, seqs, strict=True) if seq]
+            seqs = [seq for seq in seqs if seq]
+        return flags_responses(seqs, infos, uid)
 
     def _search(self, args: Arguments, uid: bool) -> Reply:
         try:

@@ -601,6 +601,7 @@ _SELECT_ROWS = (
 )
 Row = tuple[int, str, int, float, str]
 _DETAILS_PER_QUERY = 500  # UIDs per ``IN (...)``: well under SQLite's 32,766 variables
+SET_FLAGS_BATCH = 1000  # renames per `FolderFiles.set_flags` progress report (a STORE 1:* answers as it goes)
 
 
 @dataclass(frozen=True)
@@ -859,6 +860,15 @@ def _lazy_metas(texts: Sequence[str]) -> list[LazyMeta]:
     for slot, column in zip(_META_SLOTS, meta_columns, strict=True):
         deque(map(slot.__set__, lazy, column), maxlen=0)
     return lazy
+
+
+def _with_flags(
+    infos: Sequence[MessageInfo], outcome: Mapping[frozenset[str], frozenset[str]]
+) -> list[MessageInfo]:
+    """``infos`` with their flags replaced by ``outcome[old flags]`` (`_made_infos`: no frame each)."""
+    flags = list(map(outcome.__getitem__, map(_flags_attr, infos)))
+    columns = (flags if s == "flags" else map(attrgetter(s), infos) for s in MessageInfo.__slots__)
+    return _made_infos(len(infos), tuple(columns))
 
 
 def _made_infos(count: int, columns: tuple[Iterable[object], ...]) -> list[MessageInfo]:
@@ -1377,17 +1387,28 @@ class FolderFiles:
         infos: Sequence[MessageInfo],
         names: Sequence[str],
         outcome: Mapping[frozenset[str], frozenset[str]],
+        progress: Callable[[list[MessageInfo]], None] | None = None,
     ) -> tuple[list[MessageInfo], list[str]]:
         """STORE: rename each file (``names[i]`` is the file of ``infos[i]``) for its new flags,
         ``outcome[old flags]`` (keywords: the cache only); fsync cur/ once.  Returns the new infos
         and file names of those done, in order: a message whose file vanished is left out.
+        ``progress`` gets the new infos every `SET_FLAGS_BATCH` renames (and the last few), as
+        they are made, before the fsync.
 
         The loop runs once per message of a ``STORE 1:*``: names relative to one ``cur/``
         descriptor (``renameat``: no path walk per message, ~10 % of the loop), and the new infos
-        are made column by column afterwards (`_made_infos`), no tuple per message."""
+        are made column by column per batch (`_made_infos`), no tuple per message."""
         suffixes: dict[tuple[str, frozenset[str]], str] = {}  # (old letters, old flags) -> ":2,<letters>"
         done: list[MessageInfo] = []
         new_names: list[str] = []
+        made: list[MessageInfo] = []
+
+        def make_done() -> None:
+            fresh = _with_flags(done[len(made) :], outcome)
+            made.extend(fresh)
+            if progress is not None and fresh:
+                progress(fresh)
+
         cur = _open_directory(self.path / "cur")
         rename = partial(os.rename, src_dir_fd=cur, dst_dir_fd=cur)
         try:
@@ -1407,14 +1428,15 @@ class FolderFiles:
                         continue
                 done.append(info)
                 new_names.append(name)
+                if len(done) - len(made) == SET_FLAGS_BATCH:
+                    make_done()
         finally:
             os.close(cur)
-        if not done:
+        make_done()
+        if not made:
             return [], []
-        flags = list(map(outcome.__getitem__, map(_flags_attr, done)))
-        columns = (flags if s == "flags" else map(attrgetter(s), done) for s in MessageInfo.__slots__)
-        made = _made_infos(len(done), tuple(columns))
         fsync_dir(self.path / "cur")
+        flags = list(map(_flags_attr, made))
         texts = {new: keywords_text(new) for new in set(flags)}
         changed = list(zip(new_names, map(texts.__getitem__, flags), map(_uid_attr, made), strict=True))
         self._cache_do(lambda: self._db().update(changed))

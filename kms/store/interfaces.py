@@ -147,8 +147,19 @@ class FolderView(Protocol):
     def refresh(self) -> Deferred[None]:
         """Look at the disk for changes made outside this process (new/ files); queue them."""
 
-    def store(self, uids: Sequence[int], flags: Sequence[str], mode: str) -> Deferred[Sequence[MessageInfo]]:
-        """``mode`` is "+", "-" or "" (replace); renames the files (``:2,`` flags); updates every view."""
+    def store(
+        self,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: str,
+        progress: Callable[[Sequence[MessageInfo]], None] | None = None,
+    ) -> Deferred[Sequence[MessageInfo]]:
+        """``mode`` is "+", "-" or "" (replace); renames the files (``:2,`` flags); updates every view.
+
+        Returns the infos of every requested message still in the folder, changed or not.
+        ``progress``, on the reactor thread, gets the changed ones batch by batch as their files
+        are renamed, before the result (so a client can read about them while the rest go on).
+        """
 
     def expunge(self, uids: Sequence[int] | None = None) -> Deferred[Sequence[int]]:
         """Remove the \\Deleted messages (only those among ``uids`` when given); the removed UIDs."""

@@ -209,6 +209,11 @@ class MailStore:
         """Run blocking ``f`` in the store's pool; the result comes back on the reactor thread."""
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
+    def from_pool(self, f: Callable[[_T], None]) -> Callable[[_T], None]:
+        """``f`` as a pool job may call it: on the reactor thread, in order, before the job's result."""
+        reactor = self._reactor
+        return lambda value: reactor.callFromThread(f, value)
+
     def room(self) -> Deferred[None]:
         """Fails with ENOSPC (so: NO [OVERQUOTA]) while the store is below its hard limit (SPEC §8)."""
         return succeed(None) if self._space is None else self._space.room()
@@ -564,7 +569,13 @@ class _View:
             return refused
         return self._folder.store.locked([self._folder], self._folder.fresh)
 
-    def store(self, uids: Sequence[int], flags: Sequence[str], mode: str) -> Deferred[Sequence[MessageInfo]]:
+    def store(
+        self,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: str,
+        progress: Callable[[Sequence[MessageInfo]], None] | None = None,
+    ) -> Deferred[Sequence[MessageInfo]]:
         """Returns the infos of every requested message still in the folder, changed or not."""
         refused = self._refused(write=True)
         if refused:
@@ -591,7 +602,8 @@ class _View:
                 return succeed([messages[i] for i in positions])
             targets = [messages[i] for i in at]
             names = list(map(folder.names.__getitem__, map(_uid, targets)))
-            d = folder.store.run(folder.files.set_flags, targets, names, outcome)
+            report = None if progress is None else folder.store.from_pool(progress)
+            d = folder.store.run(folder.files.set_flags, targets, names, outcome, report)
             return d.addCallback(applied, at, positions)
 
         def applied(
