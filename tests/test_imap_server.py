@@ -1742,6 +1742,24 @@ class BulkTests(IMAPTestCase):
         self.assertTrue(conn.take().endswith(b"f OK FETCH completed\r\n"))
         self.assertIs(conn.transport.producer, conn.protocol)  # the connection's, for good
 
+    def test_store_holds_its_answers_for_a_client_that_does_not_read(self) -> None:
+        """Changes the store reports while renaming are not written into a full buffer: they are
+        answered with the rest once the client reads again."""
+        self.fill(3)
+        factory, ticks = self.stepping_factory()
+        conn = self.selected(factory=factory)
+        conn.protocol.pauseProducing()
+        self.assertEqual(conn.send(b"s STORE 1:* +FLAGS (\\Seen)\r\n"), b"")
+        while ticks:
+            ticks.pop(0)()
+        self.assertEqual(conn.take(), b"")
+        conn.protocol.resumeProducing()
+        while ticks:
+            ticks.pop(0)()
+        answer = conn.take()
+        self.assertEqual(answer.count(b"FETCH (FLAGS (\\Seen))"), 3)
+        self.assertTrue(answer.endswith(b"s OK STORE completed\r\n"))
+
     def test_commands_wait_for_a_client_that_does_not_read(self) -> None:
         """Commands from a client whose responses fill the buffer wait, and reading pauses once
         they pass BACKLOG_LIMIT: what the server holds stays bounded."""

@@ -1193,8 +1193,9 @@ class IMAPServer(Protocol):
                 self._new_keywords(request.flags)  # before a FETCH that shows them
 
         def changed(infos: Sequence[MessageInfo]) -> None:
-            """Changes reported while the store renames the rest: the client reads them meanwhile."""
-            if self._gone:
+            """Changes reported while the store renames the rest: the client reads them meanwhile
+            (unless it is not reading: then they wait for the end, as the unchanged ones do)."""
+            if self._gone or self._output_paused:
                 return
             announce(infos)
             answered.update(map(_uid_of, infos))
