@@ -1,8 +1,10 @@
-"""One DNS resolver for the whole server: MX look-ups for the queue, PTR/A for client names.
+"""The server's DNS resolvers, all built by `make_resolver` from ``[dns]``: the queue's (MX and
+address look-ups), the client namer's (PTR/A, on a reactor scope it closes at stop) and the
+update checker's (made at its first host name; a feed given by IP address never makes one).
 
-Built from ``[dns]``: the listed servers, or the ``nameserver`` lines of /etc/resolv.conf (read
-once, at start: Twisted's own resolv.conf mode keeps a re-read timer on the reactor forever; a
-changed resolv.conf takes effect at the next start).  Every query goes through `twisted.names`, so
+Each asks the servers ``[dns]`` lists, or the ``nameserver`` lines of /etc/resolv.conf (read once,
+at start: Twisted's own resolv.conf mode keeps a re-read timer on the reactor forever; a changed
+resolv.conf takes effect at the next start).  Every query goes through `twisted.names`, so
 nothing waits on the reactor thread, and every query has the configured timeout.
 """
 
