@@ -32,7 +32,7 @@ from operator import attrgetter
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import CooperativeTask, Cooperator
@@ -212,11 +212,6 @@ def _sanitize(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else " " for char in text)
-
-
-def _collect(results: list[tuple[bool, Any]], batch: Sequence[MessageInfo], into: dict[int, bytes]) -> None:
-    """The messages a DeferredList of reads returned, by UID (failed reads: expunged meanwhile)."""
-    into.update((info.uid, value) for info, (ok, value) in zip(batch, results, strict=True) if ok)
 
 
 def _body_batches(messages: Sequence[MessageInfo], indices: Iterable[int]) -> Iterator[list[int]]:
@@ -1253,8 +1248,10 @@ class IMAPServer(Protocol):
             batch = messages[start : start + step]
             bodies: dict[int, bytes] = {}
             if body:
-                reads = [maybeDeferred(view.open_message, info.uid) for info in batch]
-                yield DeferredList(reads, consumeErrors=True).addCallback(_collect, batch, bodies)
+                failed: list[Failure] = []
+                yield view.open_messages(batch).addCallbacks(bodies.update, failed.append)
+                if failed and not failed[0].check(MailboxError):
+                    self._internal_error("imap-read-error", failed[0])
             # One context per batch: it caches the decoded texts of the messages it has read.
             context = SearchContext(len(messages), max_uid, now, recent, bodies.get)
             for seq, info in enumerate(batch, start + 1):

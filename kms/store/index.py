@@ -1452,10 +1452,6 @@ class FolderFiles:
         if entries:
             self._cache_do(lambda: self._db().delete([e.info.uid for e in entries]))
 
-    def read(self, name: str) -> bytes:
-        """The message in wire form (FileNotFoundError if it was renamed or removed meanwhile)."""
-        return wire_form(read_file(os.path.join(self.path, "cur", name)))
-
     def read_many(self, files: Mapping[int, tuple[str, int]]) -> tuple[dict[int, bytes], list[int]]:
         """Several messages (UID → file name and indexed wire size) in wire form, in one pool job:
         a thread hop costs more than reading a 4 KiB file.  Returns those read, and the UIDs whose
@@ -1585,19 +1581,6 @@ def _copied(info: MessageInfo, uid: int) -> MessageInfo:
 
 def uid_of(info: MessageInfo) -> int:
     return info.uid
-
-
-def read_file(path: str) -> bytes:
-    """A whole file with plain system calls: half the cost of ``open(path, "rb").read()``, whose
-    file objects a FETCH of many small messages otherwise pays for once per message."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        while chunk := os.read(fd, 1 << 16):
-            parts.append(chunk)
-    finally:
-        os.close(fd)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _open_directory(path: Path) -> int:

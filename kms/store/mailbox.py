@@ -399,6 +399,12 @@ class _Folder:
                 return None
         return cached_reader.read(self._cur, name, limit)
 
+    def cached_wire(self, name: str, size: int) -> bytes | None:
+        """`read_cached` of a message indexed at wire ``size``, in wire form (a file that long has
+        no bare LF: returned as read)."""
+        raw = self.read_cached(name, size)
+        return None if raw is None else raw if len(raw) == size else wire_form(raw)
+
     def close_directory(self) -> None:
         if self._cur is not None:
             os.close(self._cur)
@@ -674,30 +680,27 @@ class _View:
         return d.addErrback(_disk_error)
 
     def open_message(self, uid: int) -> Deferred[bytes]:
-        """Lock-free read; if the file was renamed meanwhile (a flag change in flight), read again
-        under the folder lock, when the new name is known."""
+        """One message (POP3 RETR): at once when the kernel has its file cached, else
+        `open_messages` of it (the pool job and its retries)."""
         refused = self._refused(write=False)
         if refused:
             return refused
         folder = self._folder
+        messages = folder.messages
+        at = _find(messages, uid)
+        if at is None:
+            return fail(MailboxError(f"message {uid} has been expunged", "EXPUNGEISSUED"))
+        info = messages[at]
+        data = folder.cached_wire(folder.names[uid], info.size) if info.size <= _INLINE_BYTES else None
+        if data is not None:
+            return succeed(data)
 
-        def read(attempt: int) -> Deferred[bytes]:
-            name = folder.names.get(uid)
-            if name is None or folder.deleted:
-                return fail(MailboxError(f"message {uid} has been expunged", "EXPUNGEISSUED"))
-            raw = folder.read_cached(name, _INLINE_BYTES) if attempt == 0 else None
-            if raw is not None:
-                return succeed(wire_form(raw))
-            d = folder.store.run(folder.files.read, name)
-            if attempt < _OPEN_RETRIES:
-                d.addErrback(retry, attempt)
-            return d
+        def one(found: dict[int, bytes]) -> bytes:
+            if uid not in found:  # its file vanished for good
+                raise MailboxError(f"message {uid} has been expunged", "EXPUNGEISSUED")
+            return found[uid]
 
-        def retry(failure: Failure, attempt: int) -> Deferred[bytes]:
-            failure.trap(FileNotFoundError)
-            return folder.store.locked([folder], lambda: read(attempt + 1))
-
-        return read(0)
+        return self.open_messages([info]).addCallback(one)
 
     def open_messages(self, messages: Sequence[MessageInfo]) -> Deferred[dict[int, bytes]]:
         """Files the kernel has cached are read at once (`Folder.read_cached`, up to
@@ -718,9 +721,9 @@ class _View:
                 for uid, (name, size) in list(files.items()):
                     if size > budget:
                         break
-                    raw = folder.read_cached(name, size)
-                    if raw is not None:
-                        found[uid] = raw if len(raw) == size else wire_form(raw)
+                    data = folder.cached_wire(name, size)
+                    if data is not None:
+                        found[uid] = data
                         del files[uid]
                         budget -= size
             if not files:
