@@ -1148,12 +1148,8 @@ class IMAPServer(Protocol):
             if plan.needs_details:
                 yield view.details([messages[i] for i in batch])
             bodies: dict[int, bytes] = {}
-            failed: list[Failure] = []
             if plan.needs_body:
-                reading = view.open_messages([messages[i] for i in batch])
-                yield reading.addCallbacks(bodies.update, failed.append)
-                if failed and not failed[0].check(MailboxError):
-                    self._internal_error("imap-read-error", failed[0])
+                yield self._read_bodies(view, [messages[i] for i in batch], bodies)
             for index in batch:
                 info = messages[index]
                 info = changed.get(info.uid, info)
@@ -1172,6 +1168,19 @@ class IMAPServer(Protocol):
                 out.append(response)
             self._write(out)
             yield None
+
+    def _read_bodies(
+        self, view: FolderView, infos: Sequence[MessageInfo], into: dict[int, bytes]
+    ) -> Deferred[None]:
+        """The files of ``infos`` into ``into`` by UID (FETCH and SEARCH BODY/TEXT).  Those
+        expunged meanwhile are left out; any other failure is logged and leaves them all out
+        (FETCH answers NO for them, SEARCH finds no text in them)."""
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(MailboxError):
+                self._internal_error("imap-read-error", failure)
+
+        return view.open_messages(infos).addCallbacks(into.update, failed)
 
     def _store(self, args: Arguments, uid: bool) -> Reply:
         ranges = self._message_ranges(args.atom("sequence set"), uid)
@@ -1248,10 +1257,7 @@ class IMAPServer(Protocol):
             batch = messages[start : start + step]
             bodies: dict[int, bytes] = {}
             if body:
-                failed: list[Failure] = []
-                yield view.open_messages(batch).addCallbacks(bodies.update, failed.append)
-                if failed and not failed[0].check(MailboxError):
-                    self._internal_error("imap-read-error", failed[0])
+                yield self._read_bodies(view, batch, bodies)
             # One context per batch: it caches the decoded texts of the messages it has read.
             context = SearchContext(len(messages), max_uid, now, recent, bodies.get)
             for seq, info in enumerate(batch, start + 1):
