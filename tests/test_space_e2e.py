@@ -623,7 +623,8 @@ class FullDiskIndexTests(TestCase):
         loaded = cold.load()
         self.assertEqual([i.uid for i in loaded.infos], [1, 2])
         self.assertEqual([i.flags for i in loaded.infos], [frozenset({"\\Seen"})] * 2)  # keywords wait
-        self.assertEqual(cold.read(loaded.names[2]), message("two"))
+        found, _ = cold.read_many({2: (loaded.names[2], loaded.infos[1].size)})
+        self.assertEqual(found[2], message("two"))
         cold.close()
         self.assertEqual(cache.read_bytes(), kept)
 
